@@ -1,0 +1,421 @@
+"""The machinery every algorithm shares: actors, critic(s), rollout inference, targets,
+the sequential agent-by-agent update loop and the critic update.
+
+HAPPO and HATRPO plug their per-agent step (``actor_step``) into ``train``'s loop:
+
+    order = random permutation of agents                    (Kuba et al. 2022, Alg. 1)
+    M = 1                                                   [T, n_envs]
+    for i in order:
+        actor_step(i, batch_i, M)     # maximise E[M * r_i * A] under a trust region
+        M = M * pi_new_i / pi_old_i   # detached: a constant for the agents after i
+
+MAPPO and IPPO use the same loop with ``sequential = False``: M stays 1 and every actor
+learns from the same data simultaneously (MAPPO optionally with one shared actor).
+
+Shapes: T = episode_length, E = n_envs, N = n_agents, K = number of critics (1 for a
+centralised V(s), N for IPPO's per-agent V(o_i)). An actor "group" is the set of agents
+one actor network serves (one agent, or all agents with shared parameters); its batch
+folds agents into the env axis: B = E * len(group).
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from algorithms.networks import Actor, Critic
+from algorithms.value_norm import ValueNorm
+from envs.base import EnvSpec
+from train.config import ConfigError
+
+
+class NumericalError(RuntimeError):
+    """A NaN/inf appeared; the message names the quantity, agent and update."""
+
+
+class ActorBatch(NamedTuple):
+    """One actor group's rollout data, sequences [T, B, ...] (B = E * agents in the group)."""
+
+    obs: torch.Tensor  # [T, B, obs_dim]
+    actions: torch.Tensor  # [T, B, act_dim] float or [T, B] long
+    old_log_probs: torch.Tensor  # [T, B]
+    avail: torch.Tensor | None  # [T, B, n_actions] bool
+    active: torch.Tensor  # [T, B] bool
+    advantages: torch.Tensor  # [T, B], normalised over active samples
+    starts: torch.Tensor  # [T, B] bool, obs[t] is the first of an episode
+    hidden: torch.Tensor | None  # [T, B, recurrent_n, H], actor state before obs[t]
+
+
+class CriticBatch(NamedTuple):
+    """One critic's data, [T, E, ...]."""
+
+    inputs: torch.Tensor  # [T, E, in_dim]
+    returns: torch.Tensor  # [T, E] (raw scale)
+    old_values: torch.Tensor  # [T, E] (network output scale)
+    mask: torch.Tensor  # [T, E] bool, samples that count in the loss
+    starts: torch.Tensor  # [T, E] bool
+    hidden: torch.Tensor | None  # [T, E, recurrent_n, H]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def compute_gae(rewards, values, terminated, truncated, final_values, gamma: float, lam: float):
+    """Generalised advantage estimation with time-limit bootstrapping.
+
+    rewards [T, E]; values [T+1, E, K] (raw scale; values[T] bootstraps the rollout cut);
+    terminated, truncated [T, E] bool (step t ended the episode; the env then auto-reset,
+    so values[t+1] belongs to the next episode); final_values [T, E, K] = V(final state)
+    where truncated. Returns (advantages [T, E, K], returns [T, E, K]).
+
+        delta_t = r_t + gamma * V_next_t * (1 - terminated_t) - V_t
+        V_next_t = final_values_t if truncated_t else values_{t+1}
+        A_t = delta_t + gamma * lam * (1 - done_t) * A_{t+1},  done = terminated | truncated
+    """
+    T = rewards.shape[0]
+    advantages = torch.zeros_like(values[:-1])
+    gae = torch.zeros_like(values[0])
+    not_terminated = (~terminated).to(values.dtype).unsqueeze(-1)
+    not_done = (~(terminated | truncated)).to(values.dtype).unsqueeze(-1)
+    next_values = torch.where(truncated.unsqueeze(-1), final_values, values[1:])
+    deltas = rewards.unsqueeze(-1) + gamma * next_values * not_terminated - values[:-1]
+    for t in reversed(range(T)):
+        gae = deltas[t] + gamma * lam * not_done[t] * gae
+        advantages[t] = gae
+    return advantages, advantages + values[:-1]
+
+
+def minibatches(T: int, B: int, num_mini_batch: int, chunk_length: int | None,
+                rng: np.random.Generator):
+    """Yield index pairs (t_idx [L, b], b_idx [b]) so ``x[t_idx, b_idx]`` is [L, b, ...].
+
+    Feed-forward (chunk_length None): single samples (L = 1) shuffled over T*B. A single
+    mini-batch yields ``None``: use the whole [T, B] batch as it is (no copy).
+    Recurrent: chunks of ``chunk_length`` consecutive steps of one env, shuffled.
+    """
+    if chunk_length is None:
+        if num_mini_batch == 1:
+            yield None
+            return
+        perm = torch.from_numpy(rng.permutation(T * B))
+        for part in perm.chunk(num_mini_batch):
+            yield (part // B).unsqueeze(0), part % B
+        return
+    n_chunks = (T // chunk_length) * B
+    perm = torch.from_numpy(rng.permutation(n_chunks))
+    offsets = torch.arange(chunk_length).unsqueeze(1)
+    for part in perm.chunk(num_mini_batch):
+        starts, b_idx = (part // B) * chunk_length, part % B
+        yield starts.unsqueeze(0) + offsets, b_idx
+
+
+def take(x: torch.Tensor | None, idx) -> torch.Tensor | None:
+    if x is None or idx is None:
+        return x
+    t_idx, b_idx = idx
+    return x[t_idx, b_idx]
+
+
+def first_hidden(hidden: torch.Tensor | None, idx) -> torch.Tensor | None:
+    """Hidden state before the first step of each sequence: [b, recurrent_n, H]."""
+    if hidden is None:
+        return None
+    if idx is None:
+        return hidden[0]
+    t_idx, b_idx = idx
+    return hidden[t_idx[0], b_idx]
+
+
+class OnPolicyMARL:
+    """Actors, critics and the shared update loop. Subclasses define ``actor_step``."""
+
+    sequential = True  # HAPPO/HATRPO: agents update one after another with the M factor
+    centralised_critic = True  # V(s) on the global state; False: one V(o_i) per agent
+
+    def __init__(self, config, spec: EnvSpec, device: torch.device):
+        self.config, self.spec, self.device = config, spec, device
+        n = spec.n_agents
+        if config.share_param:
+            first = spec.agents[0]
+            if any(a != first for a in spec.agents):
+                raise ConfigError(f"--share_param needs every agent to have the same observation and "
+                                 f"action spaces; {spec.name} has {[(a.obs_dim, a.action_dim) for a in spec.agents]}"
+                                 f" (use --no-share_param)")
+            self.groups = [list(range(n))]
+        else:
+            self.groups = [[i] for i in range(n)]
+        self.actors = nn.ModuleList([Actor(spec.agents[g[0]], config) for g in self.groups]).to(device)
+        self.actor_optims = [torch.optim.Adam(a.parameters(), lr=config.lr, eps=config.opti_eps,
+                                              weight_decay=config.weight_decay) for a in self.actors]
+        critic_inputs = [spec.state_dim] if self.centralised_critic else [a.obs_dim for a in spec.agents]
+        self.critics = nn.ModuleList([Critic(d, config) for d in critic_inputs]).to(device)
+        self.critic_optims = [torch.optim.Adam(c.parameters(), lr=config.critic_lr, eps=config.opti_eps,
+                                               weight_decay=config.weight_decay) for c in self.critics]
+        self.value_norms = nn.ModuleList([ValueNorm() for _ in self.critics]).to(device)
+        self.rng = np.random.default_rng(config.seed)
+        self.iteration = 0  # set by the runner; names the update in error messages
+        trunk = self.actors[0].trunk
+        self.hidden_shape = (trunk.recurrent_n, trunk.hidden_size)  # per agent
+        self.chunk_length = config.data_chunk_length if config.use_recurrent_policy else None
+
+    @property
+    def n_critics(self) -> int:
+        return len(self.critics)
+
+    # -- rollout ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs: list[torch.Tensor], avail: list[torch.Tensor] | None,
+            hidden: torch.Tensor | None, starts: torch.Tensor | None, deterministic: bool = False):
+        """One batched forward per actor.
+
+        obs[i] [E, obs_dim_i]; avail[i] [E, n_actions_i]; hidden [E, N, recurrent_n, H];
+        starts [E] bool. Returns actions (list, [E, act_dim_i] or [E]), log_probs [E, N],
+        next hidden [E, N, recurrent_n, H] (None for feed-forward actors).
+        """
+        E = obs[0].shape[0]
+        actions: list[Any] = [None] * self.spec.n_agents
+        log_probs = torch.empty(E, self.spec.n_agents, device=self.device)
+        next_hidden = torch.empty_like(hidden) if hidden is not None else None
+        for actor, group in zip(self.actors, self.groups):
+            n = len(group)
+            if n == 1:
+                i = group[0]
+                x, av = obs[i], None if avail is None else avail[i]
+                h = None if hidden is None else hidden[:, i]
+                s = starts
+            else:  # shared actor: stack agents into the batch, one forward for all
+                x = torch.stack([obs[i] for i in group], 1).reshape(E * n, -1)
+                av = None if avail is None else torch.stack([avail[i] for i in group], 1).reshape(E * n, -1)
+                h = None if hidden is None else hidden[:, group].reshape(E * n, *self.hidden_shape)
+                s = None if starts is None else starts.repeat_interleave(n)
+            a, lp, h_next = actor.act(x, h, s, av, deterministic)
+            if n == 1:
+                actions[group[0]] = a
+                log_probs[:, group[0]] = lp
+                if next_hidden is not None:
+                    next_hidden[:, group[0]] = h_next
+            else:
+                a = a.reshape(E, n, *a.shape[1:])
+                lp = lp.reshape(E, n)
+                for j, i in enumerate(group):
+                    actions[i] = a[:, j]
+                    log_probs[:, i] = lp[:, j]
+                if next_hidden is not None:
+                    next_hidden[:, group] = h_next.reshape(E, n, *self.hidden_shape)
+        return actions, log_probs, next_hidden
+
+    def critic_inputs(self, state: torch.Tensor, obs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Inputs of each critic: [state] (centralised) or obs (per agent). Any leading dims."""
+        return [state] if self.centralised_critic else list(obs)
+
+    @torch.no_grad()
+    def values(self, state: torch.Tensor, obs: list[torch.Tensor], hidden: torch.Tensor | None,
+               starts: torch.Tensor | None):
+        """V at one step: state [E, S], obs[i] [E, d_i], hidden [E, K, recurrent_n, H].
+
+        Returns values [E, K] in the network's (normalised) scale and the next hidden.
+        """
+        E = state.shape[0]
+        out = torch.empty(E, self.n_critics, device=self.device)
+        next_hidden = torch.empty_like(hidden) if hidden is not None else None
+        s = None if starts is None else starts.unsqueeze(0)
+        for k, (critic, x) in enumerate(zip(self.critics, self.critic_inputs(state, obs))):
+            v, h = critic(x.unsqueeze(0), None if hidden is None else hidden[:, k], s)
+            out[:, k] = v[0]
+            if next_hidden is not None:
+                next_hidden[:, k] = h
+        return out, next_hidden
+
+    def denormalize(self, values: torch.Tensor) -> torch.Tensor:
+        """[..., K] network outputs -> raw return scale."""
+        if not self.config.use_valuenorm:
+            return values
+        return torch.stack([vn.denormalize(values[..., k]) for k, vn in enumerate(self.value_norms)], -1)
+
+    # -- training --------------------------------------------------------------------------
+    def set_progress(self, fraction_done: float) -> None:
+        """Linear learning-rate decay, if enabled."""
+        if not self.config.use_linear_lr_decay:
+            return
+        scale = max(1.0 - fraction_done, 0.0)
+        for opt in self.actor_optims:
+            for group in opt.param_groups:
+                group["lr"] = self.config.lr * scale
+        for opt in self.critic_optims:
+            for group in opt.param_groups:
+                group["lr"] = self.config.critic_lr * scale
+
+    def _fold(self, tensors: list[torch.Tensor], group: list[int]) -> torch.Tensor:
+        """Per-agent [T, E, ...] tensors of a group -> [T, E * n, ...] (agents into the batch)."""
+        if len(group) == 1:
+            return tensors[group[0]]
+        x = torch.stack([tensors[i] for i in group], 2)
+        return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+    def actor_batch(self, g: int, buf, advantages: torch.Tensor) -> ActorBatch:
+        """Assemble group ``g``'s batch from the buffer; advantages [T, E, K]."""
+        group = self.groups[g]
+        per_agent = lambda x: [x[:, :, i] for i in range(self.spec.n_agents)]  # noqa: E731
+        adv = [advantages[..., 0 if self.centralised_critic else i] for i in range(self.spec.n_agents)]
+        active = self._fold(per_agent(buf.active), group)
+        adv = self._fold(adv, group)
+        if self.config.use_policy_active_masks:
+            mask = active
+        else:
+            mask = torch.ones_like(active)
+        mean = masked_mean(adv, mask)
+        std = masked_mean((adv - mean).pow(2), mask).sqrt()
+        starts = buf.starts[:-1]
+        return ActorBatch(
+            obs=self._fold(buf.obs, group),
+            actions=self._fold(buf.actions, group),
+            old_log_probs=self._fold(per_agent(buf.log_probs), group),
+            avail=None if buf.avail is None else self._fold(buf.avail, group),
+            active=mask,
+            advantages=(adv - mean) / (std + 1e-5),
+            starts=starts if len(group) == 1 else starts.repeat_interleave(len(group), 1),
+            hidden=None if buf.actor_hidden is None else self._fold(per_agent(buf.actor_hidden), group),
+        )
+
+    def train(self, buf) -> dict[str, float]:
+        """One iteration of updates on a filled ``utils.buffer.RolloutBuffer``."""
+        cfg = self.config
+        values = self.denormalize(buf.values)
+        final_values = self.denormalize(buf.final_values)
+        truncated = buf.truncated if cfg.use_proper_time_limits else torch.zeros_like(buf.truncated)
+        terminated = buf.terminated if cfg.use_proper_time_limits else buf.terminated | buf.truncated
+        advantages, returns = compute_gae(buf.rewards, values, terminated, truncated, final_values,
+                                          cfg.gamma, cfg.gae_lambda)
+        stats: dict[str, float] = {}
+        n_groups = len(self.groups)
+        order = np.arange(n_groups) if (cfg.fixed_order or not self.sequential) else self.rng.permutation(n_groups)
+        T, E = buf.rewards.shape
+        M = torch.ones(T, E, device=self.device)
+        for position, g in enumerate(order):
+            batch = self.actor_batch(int(g), buf, advantages)
+            weight = M if self.sequential else torch.ones_like(batch.old_log_probs)
+            group_stats = self.actor_step(int(g), batch, weight)
+            self.check_finite_params(self.actors[g], self.label(g))
+            if self.sequential:
+                group_stats["M_mean"] = float(M.mean())
+                group_stats["M_std"] = float(M.std())
+                group_stats["M_min"] = float(M.min())
+                group_stats["M_max"] = float(M.max())
+                group_stats["order"] = float(position)
+                M = M * self.new_ratio(g, batch)  # detached: later agents see a constant
+            for key, value in group_stats.items():
+                stats[f"{self.label(g)}/{key}"] = value
+        stats.update(self.train_critics(buf, returns))
+        return stats
+
+    @torch.no_grad()
+    def new_ratio(self, g: int, batch: ActorBatch) -> torch.Tensor:
+        """pi_new(a|o) / pi_old(a|o) of group g over the whole batch [T, B] (1 where inactive)."""
+        log_probs, _, _ = self.actors[g].evaluate(batch.obs, batch.actions, first_hidden(batch.hidden, None),
+                                                  batch.starts, batch.avail)
+        ratio = torch.exp(log_probs - batch.old_log_probs)
+        return torch.where(batch.active, ratio, torch.ones_like(ratio))
+
+    def label(self, g: int) -> str:
+        group = self.groups[g]
+        return f"agent{group[0]}" if len(group) == 1 else "shared"
+
+    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
+        raise NotImplementedError
+
+    def critic_batches(self, buf, returns: torch.Tensor) -> list[CriticBatch]:
+        inputs = self.critic_inputs(buf.state, buf.obs)
+        out = []
+        for k, x in enumerate(inputs):
+            if self.centralised_critic or not self.config.use_value_active_masks:
+                mask = torch.ones_like(buf.starts[:-1])
+            else:
+                mask = buf.active[:, :, k]
+            out.append(CriticBatch(x, returns[..., k], buf.values[:-1, :, k], mask, buf.starts[:-1],
+                                   None if buf.critic_hidden is None else buf.critic_hidden[:, :, k]))
+        return out
+
+    def value_loss(self, values, old_values, targets, mask) -> torch.Tensor:
+        """Huber (or squared) error on optionally clipped values, masked mean. [L, b] inputs."""
+        cfg = self.config
+        error = targets - values
+
+        def elementwise(e: torch.Tensor) -> torch.Tensor:
+            if cfg.use_huber_loss:  # correct for both signs of e
+                a = e.abs()
+                return torch.where(a <= cfg.huber_delta, 0.5 * e.pow(2), cfg.huber_delta * (a - 0.5 * cfg.huber_delta))
+            return 0.5 * e.pow(2)
+
+        loss = elementwise(error)
+        if cfg.use_clipped_value_loss:
+            clipped = old_values + (values - old_values).clamp(-cfg.clip_param, cfg.clip_param)
+            loss = torch.max(loss, elementwise(targets - clipped))
+        return masked_mean(loss, mask)
+
+    def train_critics(self, buf, returns: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        stats: dict[str, float] = {}
+        for k, batch in enumerate(self.critic_batches(buf, returns)):
+            critic, optim, norm = self.critics[k], self.critic_optims[k], self.value_norms[k]
+            if cfg.use_valuenorm:
+                norm.update(batch.returns[batch.mask])
+                targets = norm.normalize(batch.returns)
+            else:
+                targets = batch.returns
+            T, E = batch.returns.shape
+            losses, norms = [], []
+            for _ in range(cfg.critic_epoch):
+                for idx in minibatches(T, E, cfg.critic_num_mini_batch, self.chunk_length, self.rng):
+                    values, _ = critic(take(batch.inputs, idx), first_hidden(batch.hidden, idx),
+                                       take(batch.starts, idx))
+                    loss = self.value_loss(values, take(batch.old_values, idx), take(targets, idx),
+                                           take(batch.mask, idx)) * cfg.value_loss_coef
+                    grad_norm = self.optimise(optim, critic, loss, "critic loss", f"critic{k}")
+                    losses.append(loss.detach())
+                    norms.append(grad_norm)
+            self.check_finite_params(critic, f"critic{k}")
+            name = "critic" if self.n_critics == 1 else f"critic{k}"
+            stats[f"{name}/value_loss"] = float(torch.stack(losses).mean())
+            stats[f"{name}/grad_norm"] = float(torch.stack(norms).mean())
+        return stats
+
+    def optimise(self, optim, module: nn.Module, loss: torch.Tensor, what: str, who: str) -> torch.Tensor:
+        """zero_grad / backward / clip / step with NaN checks on the loss and the gradient."""
+        if not torch.isfinite(loss):
+            raise NumericalError(f"non-finite {what} ({float(loss)}) for {who} at update {self.iteration}")
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
+        if not torch.isfinite(grad_norm):
+            raise NumericalError(f"non-finite gradient of the {what} for {who} at update {self.iteration}")
+        optim.step()
+        return grad_norm.detach()
+
+    def check_finite_params(self, module: nn.Module, who: str) -> None:
+        for name, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                raise NumericalError(f"non-finite parameter {name} of {who} after update {self.iteration}")
+
+    # -- persistence -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"actors": self.actors.state_dict(), "critics": self.critics.state_dict(),
+                "value_norms": self.value_norms.state_dict(),
+                "actor_optims": [o.state_dict() for o in self.actor_optims],
+                "critic_optims": [o.state_dict() for o in self.critic_optims],
+                "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        self.actors.load_state_dict(state["actors"])
+        self.critics.load_state_dict(state["critics"])
+        self.value_norms.load_state_dict(state["value_norms"])
+        if weights_only:
+            return
+        for opt, s in zip(self.actor_optims, state["actor_optims"]):
+            opt.load_state_dict(s)
+        for opt, s in zip(self.critic_optims, state["critic_optims"]):
+            opt.load_state_dict(s)
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,76 @@
+"""HATRPO: Heterogeneous-Agent TRPO (Kuba et al., ICLR 2022, Eq. 9 / Alg. 2).
+
+Same sequential loop as HAPPO (``OnPolicyMARL.train``); agent i_m takes one natural
+gradient step on the M-weighted surrogate
+
+    L(theta) = E[ r(theta) M A ]          (r: joint ratio over the agent's action dims)
+
+under KL(pi_old || pi_new) <= delta: conjugate gradient solves H x = g with H the
+Fisher (Hessian of the mean KL, plus damping), the step is scaled to the KL boundary,
+x * sqrt(2 delta / x^T H x), and a backtracking line search accepts the first fraction
+whose KL is below delta and whose improvement is positive and at least ``accept_ratio``
+of the linear prediction; otherwise the old parameters are restored.
+"""
+from __future__ import annotations
+
+import torch
+
+from algorithms.base import ActorBatch, NumericalError, OnPolicyMARL, first_hidden, masked_mean
+from algorithms.trust_region import (conjugate_gradient, fisher_vector_product_fn, flat_grad,
+                                     flat_params, set_flat_params)
+
+
+class HATRPO(OnPolicyMARL):
+    sequential = True
+
+    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
+        cfg = self.config
+        actor = self.actors[g]
+        params = [p for p in actor.parameters() if p.requires_grad]
+        h0 = first_hidden(batch.hidden, None)
+        weighted_adv = M * batch.advantages
+
+        def evaluate():
+            log_probs, entropy, dist = actor.evaluate(batch.obs, batch.actions, h0, batch.starts, batch.avail)
+            surrogate = masked_mean(torch.exp(log_probs - batch.old_log_probs) * weighted_adv, batch.active)
+            return surrogate, entropy, dist
+
+        def mean_kl(old_dist, new_dist):
+            return masked_mean(actor.head.kl(old_dist, new_dist), batch.active)
+
+        surrogate, entropy, dist = evaluate()
+        old_dist = type(dist)(*(None if t is None else t.detach() for t in dist))
+        who = self.label(g)
+        if not torch.isfinite(surrogate):
+            raise NumericalError(f"non-finite HATRPO surrogate for {who} at update {self.iteration}")
+        grad = flat_grad(surrogate, params, retain_graph=True)
+        if not torch.isfinite(grad).all():
+            raise NumericalError(f"non-finite HATRPO gradient for {who} at update {self.iteration}")
+        stats = {"surrogate": float(surrogate.detach()), "entropy": float(masked_mean(entropy, batch.active).detach()),
+                 "grad_norm": float(grad.norm()), "kl": 0.0, "accepted": 0.0, "ls_steps": 0.0,
+                 "improvement": 0.0, "expected_improvement": 0.0}
+        if float(grad.norm()) < 1e-10:
+            return stats  # nothing to improve (e.g. every sample inactive)
+        fvp = fisher_vector_product_fn(mean_kl(old_dist, dist), params, cfg.cg_damping)
+        step_dir = conjugate_gradient(fvp, grad, iters=cfg.cg_iters)
+        shs = 0.5 * step_dir.dot(fvp(step_dir))
+        if not torch.isfinite(shs) or shs <= 0:
+            raise NumericalError(f"non-finite or non-positive curvature s^T H s for {who} at update {self.iteration}")
+        full_step = step_dir * torch.sqrt(cfg.kl_threshold / shs)  # = s sqrt(2 delta / s^T H s)
+        expected = float(grad.dot(full_step))
+        stats["expected_improvement"] = expected
+        old_params = flat_params(params)
+        with torch.no_grad():
+            for k in range(cfg.ls_step):
+                fraction = cfg.backtrack_coeff ** k
+                set_flat_params(params, old_params + fraction * full_step)
+                new_surrogate, _, new_dist = evaluate()
+                kl = float(mean_kl(old_dist, new_dist))
+                improvement = float(new_surrogate - surrogate)
+                stats["ls_steps"] = float(k + 1)
+                if (kl < cfg.kl_threshold and improvement > 0
+                        and improvement / (expected * fraction) > cfg.accept_ratio):
+                    stats.update(kl=kl, accepted=1.0, improvement=improvement)
+                    return stats
+            set_flat_params(params, old_params)  # no acceptable step: keep the old policy
+        return stats

@@ -1,0 +1,285 @@
+"""Multi-Agent MuJoCo (Farama ``gymnasium-robotics`` ``mamujoco_v1``), vectorised in-process.
+
+The PettingZoo wrapper is used to build each task and its agent factorisation; stepping
+goes straight to the underlying single-agent MuJoCo env, and local observations are
+gathered from the global state with one fancy-index per agent over all envs at once
+(``observation_factorization``). Where that index map does not reproduce the wrapper's
+observations exactly (checked at construction, e.g. Walker2d clips velocities), the
+wrapper's own per-agent observation builder is used instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Any
+
+import numpy as np
+
+from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, VecEnv
+from train.config import ConfigError
+
+SCENARIOS = ("Ant", "HalfCheetah", "Hopper", "HumanoidStandup", "Humanoid", "Reacher", "Swimmer",
+             "Pusher", "Walker2d", "InvertedPendulum", "InvertedDoublePendulum",
+             "ManySegmentSwimmer", "ManySegmentAnt", "CoupledHalfCheetah")
+
+
+def task_name(values: dict[str, Any]) -> str:
+    return f"{values['scenario']}-{str(values['agent_conf']).replace('|', '_')}"
+
+
+def _mujoco_warning(message: str) -> None:
+    # The v5 XML files use a compiler attribute mujoco 4 deprecates; that notice is
+    # printed once per env built and says nothing about the run. Others still show.
+    if "settotalmass" not in message:
+        print(f"mujoco warning: {message.strip()}", file=sys.stderr)
+
+
+def _import_mamujoco():
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # an unrelated notice about Adroit hand envs, printed on import
+            from farama_notifications import notifications
+
+            notifications.pop("gymnasium_robotics", None)
+        except ImportError:
+            pass
+        import mujoco
+        from gymnasium_robotics import mamujoco_v1  # heavy: imported on first use
+
+    mujoco.set_mju_user_warning(_mujoco_warning)
+    return mamujoco_v1
+
+
+def check_task(values: dict[str, Any]) -> None:
+    scenario, agent_conf = values["scenario"], str(values["agent_conf"])
+    if scenario not in SCENARIOS:
+        raise ConfigError(f"--scenario must be one of {', '.join(SCENARIOS)}; got {scenario!r}")
+    if scenario.startswith("ManySegment"):
+        parts = agent_conf.split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ConfigError(f"--agent_conf for {scenario} must look like <agents>x<segments>, "
+                              f"e.g. 10x2; got {agent_conf!r}")
+        return
+    _import_mamujoco()
+    from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
+
+    try:
+        get_parts_and_edges(scenario, agent_conf)
+    except Exception:  # the library raises bare Exceptions for unknown partitions
+        raise ConfigError(f"--agent_conf {agent_conf!r} is not a partition MaMuJoCo knows for "
+                          f"{scenario} (e.g. HalfCheetah 2x3/6x1, Ant 2x4/4x2, Hopper 3x1, "
+                          f"Walker2d 2x3, Humanoid 9|8)") from None
+
+
+class MaMuJoCoVecEnv(VecEnv):
+    """``n_envs`` MaMuJoCo copies stepped in this process. See ``envs.base``."""
+
+    def __init__(self, scenario: str, agent_conf: str, agent_obsk: int, n_envs: int,
+                 seed: int, render_mode: str | None = None):
+        mamujoco_v1 = _import_mamujoco()
+        self.n_envs = n_envs
+        self._seed = seed
+        self._make = lambda: mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk,
+                                                      render_mode=render_mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._ma_envs = [self._make() for _ in range(n_envs)]
+        self._raw = [e.single_agent_env.unwrapped for e in self._ma_envs]
+        first = self._ma_envs[0]
+        agents = first.possible_agents
+        self.max_steps = first.single_agent_env.spec.max_episode_steps or 1000
+        global_space = first.single_agent_env.action_space
+        self._act_low, self._act_high = global_space.low.astype(np.float64), global_space.high.astype(np.float64)
+        # Global action index of every local action dimension, in agent order.
+        self._act_perm = np.concatenate([
+            np.array([node.act_ids for node in part], dtype=np.int64).reshape(-1)
+            for part in first.agent_action_partitions])
+        self._obs_index = [np.asarray(first.observation_factorization[a]) for a in agents]
+        self._fast_obs = self._index_map_matches(self._make)
+        obs_dims = [int(first.observation_space(a).shape[0]) for a in agents]
+        act_dims = [int(first.action_space(a).shape[0]) for a in agents]
+        state_dim = int(first.state().shape[0])
+        self.spec = EnvSpec(
+            name=f"mamujoco/{scenario}-{agent_conf}",
+            agents=tuple(AgentSpec(o, "continuous", a, float(global_space.low[0]), float(global_space.high[0]))
+                         for o, a in zip(obs_dims, act_dims)),
+            state_dim=state_dim, episode_limit=self.max_steps)
+        # Buffers reused every step (EnvStep arrays are views of these).
+        E = n_envs
+        self._state = np.zeros((E, state_dim), np.float64)
+        self._final_state = np.zeros((E, state_dim), np.float64)
+        self._obs = [np.zeros((E, d), np.float32) for d in obs_dims]
+        self._final_obs = [np.zeros((E, d), np.float32) for d in obs_dims]
+        self._reward = np.zeros(E, np.float32)
+        self._terminated = np.zeros(E, bool)
+        self._truncated = np.zeros(E, bool)
+        self._active = np.ones((E, len(agents)), bool)
+        self._joint_action = np.zeros((E, len(self._act_perm)), np.float64)
+        self._global_action = np.zeros((E, len(self._act_perm)), np.float64)
+        self._elapsed = np.zeros(E, np.int64)
+        self._episode_return = np.zeros(E, np.float64)
+        self._restarts = np.zeros(E, np.int64)
+
+    def _index_map_matches(self, make) -> bool:
+        """True when state[index] reproduces the wrapper's local observations."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            probe = make()
+        probe.reset(seed=12345)
+        rng = np.random.default_rng(0)
+        try:
+            for _ in range(30):
+                actions = {a: rng.uniform(-1, 1, probe.action_space(a).shape).astype(np.float32)
+                           for a in probe.possible_agents}
+                obs, _, term, trunc, _ = probe.step(actions)
+                state = probe.state()
+                for idx, agent in zip(self._obs_index, probe.possible_agents):
+                    if not np.array_equal(state[idx], obs[agent]):
+                        return False
+                if any(term.values()) or any(trunc.values()):
+                    probe.reset(seed=1)
+            return True
+        finally:
+            probe.close()
+
+    # -- observation assembly -------------------------------------------------------------
+    def _fill_obs(self, states: np.ndarray, out: list[np.ndarray], rows=None, from_env=False) -> None:
+        if self._fast_obs:
+            for idx, buf in zip(self._obs_index, out):
+                if rows is None:
+                    buf[:] = states[:, idx]
+                else:
+                    buf[rows] = states[np.ix_(rows, idx)]
+            return
+        for k in (range(self.n_envs) if rows is None else rows):
+            local = self._ma_envs[k]._get_obs()
+            for buf, agent in zip(out, self._ma_envs[k].possible_agents):
+                buf[k] = local[agent]
+
+    def _env_step(self) -> EnvStep:
+        return EnvStep(obs=self._obs, state=self._state.astype(np.float32), avail_actions=None,
+                       reward=self._reward, terminated=self._terminated, truncated=self._truncated,
+                       active=self._active, final_state=self._final_state.astype(np.float32),
+                       final_obs=self._final_obs, completed=[])
+
+    # -- VecEnv --------------------------------------------------------------------------
+    def _env_seed(self, k: int) -> int:
+        return int(self._seed + 7919 * int(self._restarts[k]) + k)
+
+    def reset(self, seed: int | None = None) -> EnvStep:
+        if seed is not None:
+            self._seed = int(seed)
+        for k, env in enumerate(self._raw):
+            self._state[k] = env.reset(seed=self._env_seed(k))[0]
+        self._elapsed[:] = 0
+        self._episode_return[:] = 0
+        self._reward[:] = 0
+        self._terminated[:] = False
+        self._truncated[:] = False
+        self._fill_obs(self._state, self._obs)
+        return self._env_step()
+
+    def step(self, actions: list[np.ndarray]) -> EnvStep:
+        np.concatenate(actions, axis=1, out=self._joint_action)
+        self._global_action[:, self._act_perm] = self._joint_action
+        np.clip(self._global_action, self._act_low, self._act_high, out=self._global_action)
+        completed = []
+        slow_final = []
+        for k, env in enumerate(self._raw):
+            try:
+                state, reward, terminated, _, _ = env.step(self._global_action[k])
+            except Exception as exc:  # the simulator raised: name the copy that failed
+                raise EnvError(f"MaMuJoCo env {k} (seed {self._env_seed(k)}) failed: "
+                               f"{type(exc).__name__}: {exc}", env_index=k, seed=self._env_seed(k)) from exc
+            self._elapsed[k] += 1
+            self._episode_return[k] += reward
+            truncated = (not terminated) and self._elapsed[k] >= self.max_steps
+            self._reward[k] = reward
+            self._terminated[k] = terminated
+            self._truncated[k] = truncated
+            if terminated or truncated:
+                self._final_state[k] = state
+                if self._fast_obs:
+                    pass  # filled below from _final_state in one gather
+                else:
+                    slow_final.append(k)
+                    self._fill_obs(None, self._final_obs, rows=[k])
+                completed.append({"env": k, "return": float(self._episode_return[k]),
+                                  "length": int(self._elapsed[k])})
+                self._elapsed[k] = 0
+                self._episode_return[k] = 0.0
+                state = env.reset()[0]
+            self._state[k] = state
+        if completed and self._fast_obs:
+            self._fill_obs(self._final_state, self._final_obs, rows=[c["env"] for c in completed])
+        self._fill_obs(self._state, self._obs)
+        out = self._env_step()
+        out.completed = completed
+        return out
+
+    def get_state(self) -> dict[str, Any]:
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        physics = []
+        for env in self._raw:
+            buf = np.empty(mujoco.mj_stateSize(env.model, spec), np.float64)
+            mujoco.mj_getState(env.model, env.data, buf, spec)
+            physics.append(buf)
+        return {"physics": physics, "rng": [env.np_random.bit_generator.state for env in self._raw],
+                "elapsed": self._elapsed.copy(), "episode_return": self._episode_return.copy(),
+                "restarts": self._restarts.copy(), "seed": self._seed,
+                "state": self._state.copy(), "obs": [o.copy() for o in self._obs]}
+
+    def set_state(self, snapshot: dict[str, Any]) -> EnvStep:
+        import mujoco
+
+        spec = mujoco.mjtState.mjSTATE_INTEGRATION
+        if len(snapshot["physics"]) != self.n_envs:
+            raise ValueError(f"snapshot holds {len(snapshot['physics'])} envs, this run has {self.n_envs}")
+        self._seed = snapshot["seed"]
+        for env, buf, rng in zip(self._raw, snapshot["physics"], snapshot["rng"]):
+            env.np_random.bit_generator.state = rng
+            mujoco.mj_setState(env.model, env.data, buf, spec)
+            mujoco.mj_forward(env.model, env.data)
+        self._elapsed[:] = snapshot["elapsed"]
+        self._episode_return[:] = snapshot["episode_return"]
+        self._restarts[:] = snapshot["restarts"]
+        self._state[:] = snapshot["state"]
+        for buf, saved in zip(self._obs, snapshot["obs"]):
+            buf[:] = saved
+        self._reward[:] = 0
+        self._terminated[:] = False
+        self._truncated[:] = False
+        return self._env_step()
+
+    def restart(self, env_index: int) -> None:
+        k = env_index
+        try:
+            self._ma_envs[k].close()
+        except Exception:
+            pass
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self._ma_envs[k] = self._make()
+        self._raw[k] = self._ma_envs[k].single_agent_env.unwrapped
+        self._restarts[k] += 1
+        self._state[k] = self._raw[k].reset(seed=self._env_seed(k))[0]
+        self._elapsed[k] = 0
+        self._episode_return[k] = 0
+        self._fill_obs(self._state, self._obs)
+
+    def render(self, env_index: int = 0) -> np.ndarray:
+        return self._ma_envs[env_index].render()
+
+    def close(self) -> None:
+        for env in self._ma_envs:
+            env.close()
+
+
+def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False,
+                 render_mode: str | None = None) -> VecEnv:
+    return MaMuJoCoVecEnv(config.scenario, str(config.agent_conf), config.agent_obsk, n_envs,
+                          seed=seed, render_mode=render_mode)

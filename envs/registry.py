@@ -1,0 +1,40 @@
+"""The only place that knows which environment families exist.
+
+Each family is a module exposing ``task_name(values)``, ``check_task(values)`` and
+``make_vec_env(config, n_envs, seed, evaluation)``; modules are imported on first use so
+that, say, MaMuJoCo users never import JAX.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from train.config import ConfigError
+
+FAMILIES = {
+    "mamujoco": "envs.mamujoco",
+    "smax": "envs.smax",
+    "smac": "envs.smac",
+}
+
+
+def family(name: str):
+    if name not in FAMILIES:
+        raise ConfigError(f"--env must be one of {', '.join(FAMILIES)}; got {name!r}")
+    return importlib.import_module(FAMILIES[name])
+
+
+def task_name(values: dict[str, Any]) -> str:
+    """File-system-safe task label, e.g. ``HalfCheetah-2x3`` or ``3m``."""
+    return family(values["env"]).task_name(values)
+
+
+def check_task(values: dict[str, Any]) -> None:
+    """Raise ConfigError if the scenario / map / agent configuration does not exist."""
+    family(values["env"]).check_task(values)
+
+
+def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False, **kwargs):
+    """Build ``n_envs`` copies of ``config``'s task (see envs.base.VecEnv)."""
+    return family(config.env).make_vec_env(config, n_envs=n_envs, seed=seed,
+                                           evaluation=evaluation, **kwargs)

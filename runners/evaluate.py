@@ -1,0 +1,58 @@
+"""Deterministic evaluation of the current policies on a separate vectorised env."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from envs.base import VecEnv
+
+
+def to_torch(step, device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    obs = [torch.as_tensor(o, device=device) for o in step.obs]
+    avail = None if step.avail_actions is None else [torch.as_tensor(a, device=device) for a in step.avail_actions]
+    return obs, avail
+
+
+@torch.no_grad()
+def evaluate(algo, env: VecEnv, n_episodes: int, seed: int,
+             on_frame: Callable[[np.ndarray], None] | None = None) -> dict[str, float]:
+    """Run ``n_episodes`` greedy episodes (each env contributes its first episodes in turn).
+
+    Returns ``eval_return`` (mean), ``eval_return_std``, ``eval_length`` and the mean of
+    every episode metric the env reports as ``eval_<metric>`` (e.g. ``eval_win_rate``).
+    ``on_frame`` receives an RGB frame of env 0 after every step (rendering).
+    """
+    device = algo.device
+    E, N = env.n_envs, env.spec.n_agents
+    per_env = -(-n_episodes // E)
+    step = env.reset(seed)
+    hidden = None
+    if algo.chunk_length is not None:
+        hidden = torch.zeros(E, N, *algo.hidden_shape, device=device)
+    starts = torch.ones(E, dtype=torch.bool, device=device)
+    done_counts = np.zeros(E, dtype=np.int64)
+    episodes: list[list[dict]] = [[] for _ in range(E)]
+    if on_frame is not None:
+        on_frame(env.render(0))
+    while (done_counts < per_env).any():
+        obs, avail = to_torch(step, device)
+        actions, _, hidden = algo.act(obs, avail, hidden, starts, deterministic=True)
+        step = env.step([a.cpu().numpy() for a in actions])
+        if on_frame is not None and done_counts[0] < per_env:
+            on_frame(env.render(0))
+        starts = torch.as_tensor(step.terminated | step.truncated, device=device)
+        for record in step.completed:
+            k = record["env"]
+            if done_counts[k] < per_env:
+                episodes[k].append(record)
+            done_counts[k] += 1
+    chosen = [ep for round_ in range(per_env) for k in range(E) for ep in episodes[k][round_:round_ + 1]]
+    chosen = chosen[:n_episodes]
+    returns = np.array([ep["return"] for ep in chosen])
+    result = {"eval_return": float(returns.mean()), "eval_return_std": float(returns.std()),
+              "eval_length": float(np.mean([ep["length"] for ep in chosen]))}
+    for metric in env.spec.episode_metrics:
+        result[f"eval_{metric}"] = float(np.mean([ep[metric] for ep in chosen]))
+    return result

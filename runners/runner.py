@@ -1,0 +1,329 @@
+"""The one runner for every environment family.
+
+Per iteration: collect ``episode_length`` steps of ``n_rollout_threads`` envs into the
+buffer (one batched forward per actor per step), let the algorithm train, then log,
+evaluate and checkpoint on their intervals. Everything an exact resume needs is taken
+at each iteration boundary (the "resume point"), so Ctrl-C, SIGTERM or a failing
+environment mid-rollout still leaves a checkpoint that continues exactly.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from algorithms import make_algorithm
+from algorithms.base import NumericalError
+from envs.base import EnvError, EnvStep
+from envs.registry import make_vec_env, task_name
+from runners.evaluate import evaluate
+from utils.buffer import RolloutBuffer
+from utils.checkpoint import CheckpointError, atomic_write_bytes, save_checkpoint
+from utils.logger import MetricsLogger
+
+EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
+
+
+class Interrupted(Exception):
+    pass
+
+
+def env_seed(config) -> int:
+    return int(config.seed) * 10_007
+
+
+class Runner:
+    def __init__(self, config, run_dir: Path, device: torch.device, checkpoint: dict | None = None):
+        self.config, self.run_dir, self.device = config, Path(run_dir), device
+        E, T = config.n_rollout_threads, config.episode_length
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        self.env = make_vec_env(config, n_envs=E, seed=env_seed(config))
+        self.spec = self.env.spec
+        self.algo = make_algorithm(config, self.spec, device)
+        recurrent = config.use_recurrent_policy
+        self.buffer = RolloutBuffer(self.spec, T, E, self.algo.n_critics, self.algo.hidden_shape, recurrent, device)
+        self.eval_env = None
+        N, K = self.spec.n_agents, self.algo.n_critics
+        z = lambda *s, dtype=torch.float32: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
+        self.obs = [z(E, a.obs_dim) for a in self.spec.agents]
+        self.state = z(E, self.spec.state_dim)
+        self.avail = [z(E, a.action_dim, dtype=torch.bool) for a in self.spec.agents] if self.spec.discrete else None
+        self.active = z(E, N, dtype=torch.bool)
+        self.starts = torch.ones(E, dtype=torch.bool, device=device)
+        self.actor_hidden = z(E, N, *self.algo.hidden_shape) if recurrent else None
+        self.critic_hidden = z(E, K, *self.algo.hidden_shape) if recurrent else None
+        self.iteration = 0
+        self.env_steps = 0
+        self.wall_seconds = 0.0  # accumulated over resumed sessions
+        self.env_restarts = 0
+        self.recent_episodes: collections.deque = collections.deque(maxlen=max(E, 10))
+        self.last_eval: dict[str, float] = {}
+        self.stop_signal: int | None = None
+        self.phase = collections.Counter()
+        if checkpoint is None:
+            self._take_step(self.env.reset(env_seed(config)))
+        else:
+            self._restore(checkpoint)
+        self.logger = MetricsLogger(self.run_dir, config,
+                                    keep_up_to_env_steps=self.env_steps if checkpoint is not None else None)
+
+    # -- state for checkpoints ---------------------------------------------------------------
+    def _clone(self, x):
+        return None if x is None else x.detach().clone().cpu()
+
+    def resume_point(self) -> dict[str, Any]:
+        """Everything but the networks, at an iteration boundary (cheap: taken every iteration)."""
+        return {
+            "env": self.env.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "numpy_rng": np.random.get_state(),
+            "carry": {"starts": self._clone(self.starts), "actor_hidden": self._clone(self.actor_hidden),
+                      "critic_hidden": self._clone(self.critic_hidden), "active": self._clone(self.active)},
+            "counters": {"iteration": self.iteration, "env_steps": self.env_steps,
+                         "wall_seconds": self.wall_seconds + (time.time() - self._session_start
+                                                              if hasattr(self, "_session_start") else 0.0),
+                         "env_restarts": self.env_restarts},
+            "recent_episodes": list(self.recent_episodes),
+            "last_eval": dict(self.last_eval),
+        }
+
+    def save(self, point: dict[str, Any]) -> Path:
+        payload = {"config": self.config.to_dict(), "algorithm": self.algo.state_dict(), **point}
+        return save_checkpoint(self.run_dir, payload)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.algo.load_state_dict(ckpt["algorithm"])
+        self._restore_point(ckpt)
+        counters = ckpt["counters"]
+        self.iteration, self.env_steps = counters["iteration"], counters["env_steps"]
+        self.wall_seconds, self.env_restarts = counters["wall_seconds"], counters["env_restarts"]
+        self.recent_episodes.extend(ckpt["recent_episodes"])
+        self.last_eval = dict(ckpt["last_eval"])
+
+    def _restore_point(self, point: dict[str, Any]) -> None:
+        if point["env"] is None:  # the env cannot snapshot (SMAC): start fresh episodes
+            self._take_step(self.env.reset(env_seed(self.config) + self.iteration))
+            self.starts.fill_(True)
+        else:
+            self._take_step(self.env.set_state(point["env"]))
+            self.starts.copy_(point["carry"]["starts"])
+        torch.set_rng_state(point["torch_rng"])
+        if point["cuda_rng"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(point["cuda_rng"])
+        np.random.set_state(point["numpy_rng"])
+        for name in ("actor_hidden", "critic_hidden"):
+            saved, live = point["carry"][name], getattr(self, name)
+            if saved is not None and live is not None:
+                live.copy_(saved)
+
+    # -- collection ----------------------------------------------------------------------------
+    def _take_step(self, step: EnvStep) -> None:
+        """Copy an env step's observations into the runner's current tensors."""
+        for dst, src in zip(self.obs, step.obs):
+            dst.copy_(torch.from_numpy(src))
+        self.state.copy_(torch.from_numpy(step.state))
+        if self.avail is not None:
+            for dst, src in zip(self.avail, step.avail_actions):
+                dst.copy_(torch.from_numpy(src))
+        self.active.copy_(torch.from_numpy(step.active))
+
+    def _check_finite(self, step: EnvStep) -> None:
+        named = [("reward", step.reward), ("global state", step.state)]
+        named += [(f"observation of agent {i}", o) for i, o in enumerate(step.obs)]
+        for what, array in named:
+            if not np.isfinite(array).all():
+                bad = np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))[0][0]
+                raise NumericalError(f"non-finite {what} from env {bad} at env step "
+                                     f"{self.env_steps} (update {self.iteration})")
+
+    def collect(self) -> None:
+        buf, algo, env, E = self.buffer, self.algo, self.env, self.config.n_rollout_threads
+        clock = time.perf_counter
+        for t in range(self.config.episode_length):
+            t0 = clock()
+            values, critic_next = algo.values(self.state, self.obs, self.critic_hidden, self.starts)
+            actions, log_probs, actor_next = algo.act(self.obs, self.avail, self.actor_hidden, self.starts)
+            t1 = clock()
+            for i in range(self.spec.n_agents):
+                buf.obs[i][t] = self.obs[i]
+                buf.actions[i][t] = actions[i]
+                if buf.avail is not None:
+                    buf.avail[i][t] = self.avail[i]
+            buf.state[t] = self.state
+            buf.log_probs[t] = log_probs
+            buf.active[t] = self.active
+            buf.values[t] = values
+            buf.starts[t] = self.starts
+            if buf.actor_hidden is not None:
+                buf.actor_hidden[t] = self.actor_hidden
+                buf.critic_hidden[t] = self.critic_hidden
+            np_actions = [a.cpu().numpy() for a in actions]
+            t2 = clock()
+            step = env.step(np_actions)
+            t3 = clock()
+            self._check_finite(step)
+            buf.rewards[t] = torch.from_numpy(step.reward)
+            terminated = torch.from_numpy(step.terminated)
+            truncated = torch.from_numpy(step.truncated)
+            buf.terminated[t] = terminated
+            buf.truncated[t] = truncated
+            if step.truncated.any():  # bootstrap the time limit from V(final state)
+                rows = np.flatnonzero(step.truncated)
+                final_state = torch.from_numpy(step.final_state[rows]).to(self.device)
+                final_obs = [torch.from_numpy(o[rows]).to(self.device) for o in step.final_obs]
+                hidden = None if critic_next is None else critic_next[rows]
+                v, _ = algo.values(final_state, final_obs, hidden, torch.zeros(len(rows), dtype=torch.bool))
+                buf.final_values[t, rows] = v
+            self.recent_episodes.extend(step.completed)
+            self._take_step(step)
+            self.starts = (terminated | truncated).to(self.device)
+            self.actor_hidden, self.critic_hidden = actor_next, critic_next
+            t4 = clock()
+            self.phase["inference_s"] += t1 - t0
+            self.phase["env_s"] += t3 - t2
+            self.phase["buffer_s"] += (t2 - t1) + (t4 - t3)
+            if self.stop_signal is not None:
+                raise Interrupted()
+        values, _ = algo.values(self.state, self.obs, self.critic_hidden, self.starts)
+        buf.values[-1] = values
+        buf.starts[-1] = self.starts
+        self.env_steps += self.config.episode_length * E
+
+    # -- evaluation / logging -------------------------------------------------------------
+    def evaluate(self) -> dict[str, float]:
+        if self.eval_env is None:
+            self.eval_env = make_vec_env(self.config, n_envs=min(self.config.n_eval_rollout_threads,
+                                                                 self.config.eval_episodes),
+                                         seed=env_seed(self.config) + EVAL_SEED_OFFSET, evaluation=True)
+        return evaluate(self.algo, self.eval_env, self.config.eval_episodes,
+                        seed=env_seed(self.config) + EVAL_SEED_OFFSET + self.iteration)
+
+    def _train_episode_stats(self) -> dict[str, float]:
+        if not self.recent_episodes:
+            return {"train_episode_return": math.nan, "train_episode_length": math.nan}
+        eps = list(self.recent_episodes)
+        stats = {"train_episode_return": float(np.mean([e["return"] for e in eps])),
+                 "train_episode_length": float(np.mean([e["length"] for e in eps]))}
+        for metric in self.spec.episode_metrics:
+            stats[f"train_{metric}"] = float(np.mean([e[metric] for e in eps]))
+        return stats
+
+    def _row(self, stats: dict[str, float], eval_result: dict[str, float] | None, window_sps: float) -> dict:
+        row: dict[str, Any] = {"env_steps": self.env_steps, "iteration": self.iteration,
+                               "wall_seconds": round(self.elapsed(), 3), "sps": round(window_sps, 1)}
+        row.update(self._train_episode_stats())
+        eval_keys = ["eval_return", "eval_return_std"] + [f"eval_{m}" for m in self.spec.episode_metrics]
+        row.update({k: (eval_result or {}).get(k, math.nan) for k in eval_keys})
+        row.update(stats)
+        row.update({f"time/{k}": round(v, 4) for k, v in sorted(self.phase.items())})
+        row["env_restarts"] = self.env_restarts
+        return row
+
+    def elapsed(self) -> float:
+        return self.wall_seconds + time.time() - self._session_start
+
+    # -- main loop -----------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):
+        if self.stop_signal is not None:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once; the last checkpoint is intact
+        self.stop_signal = signum
+
+    def run(self) -> int:
+        cfg = self.config
+        self._session_start = time.time()
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        window_start, window_steps = time.time(), self.env_steps
+        try:
+            while self.env_steps < cfg.num_env_steps:
+                point = self.resume_point()
+                try:
+                    self.collect()
+                except EnvError as exc:
+                    if self.env_restarts < cfg.max_env_restarts and exc.env_index is not None:
+                        self.env_restarts += 1
+                        print(f"warning: {exc}; restarting env {exc.env_index} "
+                              f"({self.env_restarts}/{cfg.max_env_restarts}) and redoing update {self.iteration + 1}",
+                              flush=True)
+                        self._restore_point(point)
+                        self.env.restart(exc.env_index)
+                        self._take_step_after_restart()
+                        continue
+                    path = self.save(point)
+                    print(f"error: {exc}; no env restarts left (--max_env_restarts {cfg.max_env_restarts}); "
+                          f"checkpoint at {self.env_steps} env steps saved to {path}", flush=True)
+                    return 1
+                except Interrupted:
+                    path = self.save(point)
+                    print(f"\ninterrupted: checkpoint at {point['counters']['env_steps']} env steps saved to "
+                          f"{path}; continue with --resume {self.run_dir}", flush=True)
+                    return 130
+                t0 = time.perf_counter()
+                self.algo.iteration = self.iteration + 1
+                self.algo.set_progress(self.env_steps / cfg.num_env_steps)
+                stats = self.algo.train(self.buffer)
+                self.phase["update_s"] += time.perf_counter() - t0
+                self.iteration += 1
+                last = self.env_steps >= cfg.num_env_steps
+                eval_result = None
+                if cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last):
+                    eval_result = self.last_eval = self.evaluate()
+                if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
+                    now = time.time()
+                    window_sps = (self.env_steps - window_steps) / max(now - window_start, 1e-9)
+                    self.logger.log(self._row(stats, eval_result, window_sps))
+                    ret = self._train_episode_stats()["train_episode_return"]
+                    extra = "".join(f"  {k} {v:.3g}" for k, v in (eval_result or {}).items()
+                                    if k in ("eval_return", "eval_win_rate"))
+                    if cfg.progress:
+                        self.logger.progress(self.env_steps, cfg.num_env_steps, window_sps, ret, extra)
+                    window_start, window_steps = now, self.env_steps
+                    self.phase.clear()
+                if self.iteration % cfg.save_interval == 0 or last or self.stop_signal is not None:
+                    self.save(self.resume_point())
+                if self.stop_signal is not None:
+                    print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved; "
+                          f"continue with --resume {self.run_dir}", flush=True)
+                    return 130
+            self.write_summary()
+            return 0
+        except NumericalError as exc:
+            print(f"\nerror: {exc}; stopped without saving, the last good checkpoint is kept", flush=True)
+            return 1
+        except CheckpointError as exc:
+            print(f"\nerror: {exc}", flush=True)
+            return 1
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            self.logger.close()
+            self.env.close()
+            if self.eval_env is not None:
+                self.eval_env.close()
+
+    def _take_step_after_restart(self) -> None:
+        """After a single env was rebuilt its first observation replaces the old one."""
+        snapshot = self.env.get_state()
+        if snapshot is not None:
+            self._take_step(self.env.set_state(snapshot))
+
+    def write_summary(self) -> None:
+        wall = self.elapsed()
+        summary = {"algo": self.config.algo, "env": self.config.env, "task": task_name(self.config.to_dict()),
+                   "seed": self.config.seed, "env_steps": self.env_steps, "iterations": self.iteration,
+                   "eval_return_mean": self.last_eval.get("eval_return"),
+                   "eval_return_std": self.last_eval.get("eval_return_std"),
+                   **{f"eval_{m}": self.last_eval.get(f"eval_{m}") for m in self.spec.episode_metrics},
+                   "train_episode_return": self._train_episode_stats()["train_episode_return"],
+                   "wall_seconds": round(wall, 2), "sps": round(self.env_steps / max(wall, 1e-9), 1),
+                   "env_restarts": self.env_restarts}
+        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+        atomic_write_bytes(self.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())

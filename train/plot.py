@@ -1,0 +1,84 @@
+"""Learning curves and a final-performance table for every run under a results directory.
+
+    python -m train.plot results/                       # eval_return (win rate for SMAC/SMAX)
+    python -m train.plot results/ --metric train_episode_return --out figs/train.png
+    python -m train.plot results/smax --table-only
+
+Writes ``<out>`` (default ``<results dir>/curves.png``: one panel per task, one line per
+algorithm = mean over seeds, band = 95% bootstrap CI over seeds) and ``<out stem>.md``
+(the table, also printed). Bad input -> one-line error on stderr, exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from utils import analysis
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="plot", description="Plot learning curves and tabulate final performance.")
+    parser.add_argument("results_dir", help="directory searched for runs (metrics.csv)")
+    parser.add_argument("--metric", default=None,
+                        help="metrics.csv column (default: eval_return, or eval_win_rate "
+                             "when every run is SMAC/SMAX)")
+    parser.add_argument("--out", default=None,
+                        help="figure path (default: <results_dir>/curves.png); the table "
+                             "goes to the same path with suffix .md")
+    parser.add_argument("--table-only", action="store_true",
+                        help="print (and write) the table, draw no figure")
+    parser.add_argument("--points", type=int, default=100,
+                        help="points on the common env-step grid per curve (default 100)")
+    parser.add_argument("--title", default=None,
+                        help="figure title (default: '<metric> (up to <N> env steps)')")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Do the work; raises :class:`analysis.AnalysisError` on bad input."""
+    if args.points < 2:
+        raise analysis.AnalysisError(f"--points must be >= 2, got {args.points}")
+    runs = analysis.discover_runs(args.results_dir)
+    metric = args.metric or analysis.default_metric(runs)
+    analysis.check_metric(runs, metric)
+
+    out = Path(args.out) if args.out else Path(args.results_dir) / "curves.png"
+    rows = analysis.final_table(runs, metric)
+    if not rows:
+        raise analysis.AnalysisError(f"no run has a value for '{metric}' yet")
+    table = analysis.markdown_table(rows, metric)
+    print(table, end="")
+    md_path = out.with_suffix(".md")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(table)
+    print(f"table written to {md_path}", file=sys.stderr)
+
+    if args.table_only:
+        return 0
+    curves, warnings = analysis.aggregate_curves(runs, metric, n_points=args.points)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    if not curves:
+        raise analysis.AnalysisError(f"nothing to plot for '{metric}'")
+    title = args.title or analysis.default_title(runs, metric)
+    analysis.plot_curves(curves, metric, out, title)
+    print(f"figure written to {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except analysis.AnalysisError as exc:
+        print(f"plot: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # unreadable files, unwritable output: still one line
+        print(f"plot: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Entry point: ``python -m train.train [flags]`` (see ``--help`` and train/config.py).
+
+Resolves the configuration, creates (or reopens, with ``--resume``) the run directory
+``<results_dir>/<env>/<task>/<algo>/<exp_name>/seed-<n>/`` and runs, evaluates or resumes.
+Bad input exits with status 2 and one line on stderr; nothing already saved is touched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from train.config import (FIELDS, RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
+                          parse_flags, save_config)
+
+
+def run_dir_for(config: Config) -> Path:
+    from envs.registry import task_name
+
+    return (Path(config.results_dir) / config.env / task_name(config.to_dict()) / config.algo
+            / config.exp_name / f"seed-{config.seed}")
+
+
+def ensure_writable(directory: Path, flag: str) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {directory} is not writable: {exc.strerror}") from None
+
+
+def resume_config(argv: list[str]) -> tuple[Config, dict]:
+    """Config of the run being resumed, with runtime flags (steps, device, ...) applied."""
+    from utils.checkpoint import CheckpointError, load_checkpoint
+
+    flags = parse_flags(argv)
+    run_dir = Path(flags["resume"])
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume {run_dir}: no such run directory")
+    try:
+        checkpoint = load_checkpoint(run_dir)
+    except CheckpointError as exc:
+        raise ConfigError(f"--resume {run_dir}: {exc}") from None
+    saved = config_from_dict(checkpoint["config"], f"{run_dir}/checkpoints")
+    overrides = {}
+    for key, value in config_from_dict({k: v for k, v in flags.items()}, "command line").to_dict().items():
+        if key not in flags:
+            continue
+        if key in RUNTIME_FIELDS:
+            overrides[key] = value
+        elif value != getattr(saved, key):
+            raise ConfigError(f"--{key} cannot change when resuming (the run used {getattr(saved, key)!r})")
+    overrides["resume"] = str(run_dir)
+    return dataclasses.replace(saved, **overrides).validate(), checkpoint
+
+
+def evaluate_only(config: Config) -> int:
+    import torch
+
+    from algorithms import make_algorithm
+    from envs.registry import make_vec_env
+    from runners.evaluate import evaluate
+    from utils.checkpoint import CheckpointError, load_checkpoint
+    from utils.device import resolve_device, set_threads
+
+    if not config.model_dir:
+        raise ConfigError("--eval_only needs --model_dir <run directory or checkpoint file>")
+    try:
+        checkpoint = load_checkpoint(Path(config.model_dir))
+    except CheckpointError as exc:
+        raise ConfigError(f"--model_dir: {exc}") from None
+    saved = config_from_dict(checkpoint["config"], f"{config.model_dir}")
+    flags = {k: getattr(config, k) for k in ("eval_episodes", "n_eval_rollout_threads", "device", "torch_threads")}
+    saved = dataclasses.replace(saved, **flags)
+    set_threads(saved.torch_threads)
+    device = resolve_device(saved.device)
+    env = make_vec_env(saved, n_envs=min(saved.n_eval_rollout_threads, saved.eval_episodes),
+                       seed=saved.seed * 10_007 + 2_000_003, evaluation=True)
+    algo = make_algorithm(saved, env.spec, device)
+    algo.load_state_dict(checkpoint["algorithm"], weights_only=True)
+    torch.manual_seed(saved.seed)
+    result = evaluate(algo, env, saved.eval_episodes, seed=saved.seed * 10_007 + 2_000_003)
+    result["env_steps"] = checkpoint["counters"]["env_steps"]
+    env.close()
+    print(json.dumps(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        flags = parse_flags(argv)
+        if flags.get("resume"):
+            config, checkpoint = resume_config(argv)
+            run_dir = Path(config.resume)
+        else:
+            config, checkpoint = load_config(argv), None
+            if config.eval_only:
+                return evaluate_only(config)
+            run_dir = run_dir_for(config)
+            ensure_writable(Path(config.results_dir), "--results_dir")
+            if (run_dir / "checkpoints").exists() or (run_dir / "metrics.csv").exists():
+                raise ConfigError(f"run directory {run_dir} already holds a run; continue it with "
+                                  f"--resume {run_dir} or choose another --exp_name/--seed")
+            ensure_writable(run_dir, "--results_dir")
+        from runners.runner import Runner
+        from utils.device import resolve_device, set_threads
+
+        set_threads(config.torch_threads)
+        device = resolve_device(config.device)
+        runner = Runner(config, run_dir, device, checkpoint)
+        if checkpoint is None:
+            save_config(config, run_dir / "config.yaml")
+        print(f"{config.algo} on {runner.spec.name}: {runner.spec.n_agents} agents, obs "
+              f"{[a.obs_dim for a in runner.spec.agents]}, actions {[a.action_dim for a in runner.spec.agents]}; "
+              f"device {device}; run dir {run_dir}", flush=True)
+        return runner.run()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Metrics out: ``metrics.csv`` (the record every tool reads), tensorboard, optional
+wandb, and a console progress line. One row per log interval."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from utils.checkpoint import CheckpointError, atomic_write_bytes
+
+
+def _format(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class MetricsLogger:
+    """Appends rows to ``<run_dir>/metrics.csv``; on resume, first drops rows after the
+    checkpoint (``keep_up_to_env_steps``) so replayed iterations are not doubled."""
+
+    def __init__(self, run_dir: Path, config, keep_up_to_env_steps: int | None = None):
+        self.path = Path(run_dir) / "metrics.csv"
+        self.header: list[str] | None = None
+        if keep_up_to_env_steps is not None and self.path.exists():
+            self._truncate(keep_up_to_env_steps)
+        elif self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if config.tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=None if keep_up_to_env_steps is None else keep_up_to_env_steps + 1)
+        self.wandb_run = None
+        if config.wandb:
+            import wandb
+
+            self.wandb_run = wandb.init(project=config.wandb_project, dir=str(run_dir), config=config.to_dict(),
+                                        name=f"{config.algo}-{Path(run_dir).parent.name}-seed{config.seed}",
+                                        mode=os.environ.get("WANDB_MODE", "online"), reinit=True)
+        self._tty = sys.stdout.isatty()
+
+    def _truncate(self, keep_up_to: int) -> None:
+        with open(self.path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            self.header = list(reader.fieldnames or [])
+            rows = [r for r in reader if r.get("env_steps") and int(float(r["env_steps"])) <= keep_up_to]
+        self._rewrite(rows)
+
+    def _rewrite(self, rows: list[dict[str, str]]) -> None:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=self.header, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.path, out.getvalue().encode())
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.header is None:
+            self.header = list(row)
+            self._rewrite([])
+        elif any(k not in self.header for k in row):  # a new column: widen the file once
+            with open(self.path, newline="") as fh:
+                old = list(csv.DictReader(fh))
+            self.header += [k for k in row if k not in self.header]
+            self._rewrite(old)
+        try:
+            with open(self.path, "a", newline="") as fh:
+                csv.DictWriter(fh, fieldnames=self.header, restval="").writerow(
+                    {k: _format(v) for k, v in row.items()})
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise CheckpointError(f"could not append to {self.path}: {exc.strerror}") from None
+        step = int(row["env_steps"])
+        numeric = {k: float(v) for k, v in row.items()
+                   if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v))}
+        if self.tb is not None:
+            for key, value in numeric.items():
+                if key != "env_steps":
+                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+            self.tb.flush()
+        if self.wandb_run is not None:
+            self.wandb_run.log(numeric, step=step)
+
+    def progress(self, env_steps: int, total: int, sps: float, last_return: float | None,
+                 extra: str = "", final_line: bool = False) -> None:
+        """``[ 120000/400000  30%] 5230 sps  ETA 0:00:53  return 1523.4``."""
+        eta = (total - env_steps) / sps if sps > 0 else 0.0
+        h, rem = divmod(int(eta), 3600)
+        ret = "n/a" if last_return is None or math.isnan(last_return) else f"{last_return:.1f}"
+        line = (f"[{env_steps:>{len(str(total))}}/{total} {100 * env_steps / total:3.0f}%] "
+                f"{sps:6.0f} sps  ETA {h}:{rem // 60:02d}:{rem % 60:02d}  return {ret}{extra}")
+        if self._tty and not final_line:
+            sys.stdout.write("\r" + line + "\x1b[K")
+        else:
+            sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        if self._tty:
+            sys.stdout.write("\n")
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
