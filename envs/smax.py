@@ -237,6 +237,11 @@ class SMAXVecEnv(VecEnv):
             raise RuntimeError("SMAXVecEnv.step called before reset()")
         for i, a in enumerate(actions):
             self._actions[:, i] = a  # one cast-copy into the [E, N] int32 buffer
+        if self._actions.min() < 0 or self._actions.max() >= self.spec.agents[0].action_dim:
+            # JAX would clamp an out-of-range index silently (and aim at the wrong unit).
+            raise ValueError(f"SMAX {self.map_name} actions must lie in "
+                             f"[0, {self.spec.agents[0].action_dim}); got {self._actions.min()}.."
+                             f"{self._actions.max()}")
         try:
             self._keys, self._env_state, out = self._step_fn(self._keys, self._env_state,
                                                               self._actions)

@@ -254,6 +254,12 @@ def test_set_state_rejects_other_map(env3m, env2s3z_short):
         env2s3z_short.set_state(env3m.get_state())
 
 
+def test_out_of_range_action_rejected(env3m):
+    env3m.reset(seed=0)
+    with pytest.raises(ValueError, match="actions must lie"):
+        env3m.step([np.full(N_ENVS, 8, np.int64)] * 3)
+
+
 def test_render(env3m):
     env3m.reset(seed=0)
     frame = env3m.render(0)

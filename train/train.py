@@ -91,9 +91,30 @@ def evaluate_only(config: Config) -> int:
     return 0
 
 
+SWEEP_FLAGS = ("--seeds", "--max_parallel", "--max-parallel", "--ray_address", "--ray-address")
+SWEEPABLE = ("--algo", "--seed", "--scenario", "--agent_conf", "--agent-conf", "--map_name", "--map-name")
+
+
+def is_sweep(argv: list[str]) -> bool:
+    """A comma list in a sweepable flag (or a sweep-only flag) makes this a sweep."""
+    for k, token in enumerate(argv):
+        name, _, inline = token.partition("=")
+        if name in SWEEP_FLAGS:
+            return True
+        if name in SWEEPABLE:
+            value = inline or (argv[k + 1] if k + 1 < len(argv) else "")
+            if "," in value:
+                return True
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if is_sweep(argv):
+        from train.sweep import main as sweep_main
+
+        return sweep_main(argv)
     try:
         flags = parse_flags(argv)
         if flags.get("resume"):

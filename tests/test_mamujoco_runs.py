@@ -1,0 +1,262 @@
+"""End-to-end training runs on real Multi-Agent MuJoCo tasks (``train.train.main``).
+
+Every run is tiny (2 envs x 50 steps per iteration, 16-unit networks, one epoch, one
+evaluation episode) and runs in-process, except the SIGINT and wandb checks, which need
+their own process. The whole file takes well under 90 s on 2 CPU cores.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("gymnasium_robotics")
+pytest.importorskip("mujoco")
+
+from train.train import main  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+E, T = 2, 50  # rollout threads x episode length: 100 env steps per iteration
+TINY = ["--n_rollout_threads", str(E), "--episode_length", str(T), "--hidden_sizes", "16,16",
+        "--ppo_epoch", "1", "--critic_epoch", "1", "--eval_episodes", "1", "--n_eval_rollout_threads", "1",
+        "--log_interval", "1", "--device", "cpu", "--torch_threads", "1", "--no-progress", "--no-tensorboard"]
+ALGOS = ("happo", "hatrpo", "mappo", "ippo")
+VOLATILE = ("wall_seconds", "sps")  # plus every time/* column
+
+
+def run_dir(results: Path, algo: str, task: str = "HalfCheetah-2x3", exp: str = "default", seed: int = 1) -> Path:
+    return results / "mamujoco" / task / algo / exp / f"seed-{seed}"
+
+
+def train(results: Path, *flags: str) -> int:
+    return main([*TINY, "--results_dir", str(results), *flags])
+
+
+def read_metrics(directory: Path) -> list[dict[str, str]]:
+    with open(directory / "metrics.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def env_steps(rows: list[dict[str, str]]) -> list[int]:
+    return [int(r["env_steps"]) for r in rows]
+
+
+def rounded_up(budget: int) -> int:
+    return -(-budget // (E * T)) * (E * T)
+
+
+def check_run_files(directory: Path, budget: int, n_agents: int, algo: str) -> list[dict[str, str]]:
+    """The files every finished run leaves, with the columns every tool reads."""
+    for name in ("config.yaml", "metrics.csv", "checkpoints/last.pt", "summary.json"):
+        assert (directory / name).is_file(), name
+    saved = yaml.safe_load((directory / "config.yaml").read_text())
+    assert saved["algo"] == algo and saved["num_env_steps"] == budget
+    rows = read_metrics(directory)
+    steps = env_steps(rows)
+    assert steps and all(a < b for a, b in zip(steps, steps[1:])), steps
+    assert steps[-1] == rounded_up(budget)
+    header = rows[0].keys()
+    for column in ("env_steps", "wall_seconds", "sps", "train_episode_return", "eval_return"):
+        assert column in header, column
+    per_agent = {"happo": ("clip_fraction", "M_mean", "M_std", "M_min", "M_max"),
+                 "hatrpo": ("kl", "accepted", "ls_steps")}.get(algo, ())
+    for i in range(n_agents):
+        for key in per_agent:
+            assert f"agent{i}/{key}" in header, f"agent{i}/{key}"
+            assert all(r[f"agent{i}/{key}"] != "" for r in rows), f"agent{i}/{key} empty"
+    assert not any(k.startswith(f"agent{n_agents}/") for k in header)  # no phantom agents
+    assert math.isfinite(float(rows[-1]["eval_return"]))  # the last iteration always evaluates
+    summary = json.loads((directory / "summary.json").read_text())
+    for key in ("env_steps", "eval_return_mean", "eval_return_std", "wall_seconds", "sps"):
+        assert summary.get(key) is not None, key
+    assert summary["env_steps"] == steps[-1]
+    assert summary["eval_return_mean"] == pytest.approx(float(rows[-1]["eval_return"]), rel=1e-5, abs=1e-5)
+    return rows
+
+
+# -- every algorithm on HalfCheetah 2x3 -----------------------------------------------------------
+@pytest.mark.parametrize("algo", ALGOS)
+def test_halfcheetah_2x3_every_algorithm(tmp_path, algo):
+    budget = 250  # not a multiple of 100: runs 3 whole iterations
+    assert train(tmp_path, "--algo", algo, "--num_env_steps", str(budget)) == 0
+    directory = run_dir(tmp_path, algo)
+    rows = check_run_files(directory, budget, n_agents=2, algo=algo)
+    assert env_steps(rows) == [100, 200, 300]
+    if algo == "hatrpo":
+        threshold = yaml.safe_load((directory / "config.yaml").read_text())["kl_threshold"]
+        for row in rows:
+            for i in range(2):
+                kl, accepted = float(row[f"agent{i}/kl"]), float(row[f"agent{i}/accepted"])
+                assert accepted in (0.0, 1.0)
+                assert kl < threshold or accepted == 0.0, (row["env_steps"], i, kl, accepted)
+                assert 1 <= float(row[f"agent{i}/ls_steps"]) <= 10
+
+
+# -- heterogeneous agents ----------------------------------------------------------------------
+HETEROGENEOUS = [
+    ("Hopper", "3x1", ["--agent_obsk", "1"], "Hopper-3x1", 3, "obs [8, 9, 8], actions [1, 1, 1]"),
+    ("Humanoid", "9|8", [], "Humanoid-9_8", 2, "obs [236, 167], actions [9, 8]"),
+]
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+@pytest.mark.parametrize("scenario,conf,extra,task,n_agents,spaces", HETEROGENEOUS, ids=["Hopper-3x1-k1", "Humanoid-9|8"])
+def test_heterogeneous_agents(tmp_path, capsys, algo, scenario, conf, extra, task, n_agents, spaces):
+    no_share = ["--no-share_param"] if algo in ("mappo", "ippo") else []
+    rc = train(tmp_path, "--algo", algo, "--scenario", scenario, "--agent_conf", conf, *extra, *no_share,
+               "--num_env_steps", "100")
+    assert rc == 0
+    assert spaces in capsys.readouterr().out
+    check_run_files(run_dir(tmp_path, algo, task), 100, n_agents=n_agents, algo=algo)
+    if algo in ("mappo", "ippo"):  # one actor per agent: per-agent columns, no shared ones
+        header = read_metrics(run_dir(tmp_path, algo, task))[0].keys()
+        assert all(any(k.startswith(f"agent{i}/") for k in header) for i in range(n_agents))
+        assert not any(k.startswith("shared/") for k in header)
+
+
+@pytest.mark.parametrize("scenario,conf,extra", [("Humanoid", "9|8", []), ("Hopper", "3x1", ["--agent_obsk", "1"])])
+def test_share_param_on_heterogeneous_task_exits_2(tmp_path, capsys, scenario, conf, extra):
+    rc = train(tmp_path, "--algo", "mappo", "--scenario", scenario, "--agent_conf", conf, *extra,
+               "--share_param", "--num_env_steps", "100")
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and "share_param" in err, err
+    assert not list(tmp_path.rglob("metrics.csv")) and not list(tmp_path.rglob("last.pt"))
+
+
+def test_halfcheetah_6x1_six_agents(tmp_path, capsys):
+    assert train(tmp_path, "--algo", "happo", "--agent_conf", "6x1", "--num_env_steps", "100") == 0
+    assert "6 agents" in capsys.readouterr().out
+    check_run_files(run_dir(tmp_path, "happo", "HalfCheetah-6x1"), 100, n_agents=6, algo="happo")
+
+
+# -- resume and determinism -----------------------------------------------------------------
+def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith("time/")} for r in rows]
+
+
+def assert_same_rows(a: list[dict[str, str]], b: list[dict[str, str]]) -> None:
+    assert env_steps(a) == env_steps(b)
+    for ra, rb in zip(comparable(a), comparable(b)):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            if ra[key] == rb[key]:
+                continue
+            assert ra[key] != "" and rb[key] != "", (ra["env_steps"], key, ra[key], rb[key])
+            assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6, abs=1e-6), \
+                (ra["env_steps"], key, ra[key], rb[key])
+
+
+@pytest.mark.parametrize("algo", ["happo", "hatrpo"])
+def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo):
+    n = 200  # two iterations; evaluating every 2 iterations makes both runs evaluate at n and 2n
+    common = ["--algo", algo, "--eval_interval", "2", "--seed", "3"]
+    assert train(tmp_path, *common, "--exp_name", "split", "--num_env_steps", str(n)) == 0
+    split = run_dir(tmp_path, algo, exp="split", seed=3)
+    before = read_metrics(split)
+    assert env_steps(before)[-1] == n
+    old_text = (split / "metrics.csv").read_text()
+
+    assert main(["--resume", str(split), "--num_env_steps", str(2 * n), "--no-progress"]) == 0
+    after = read_metrics(split)
+    assert (split / "metrics.csv").read_text().startswith(old_text)  # old rows kept verbatim
+    assert after[:len(before)] == before
+    steps = env_steps(after)
+    assert steps == [100, 200, 300, 400] and len(set(steps)) == len(steps)
+    assert json.loads((split / "summary.json").read_text())["env_steps"] == 2 * n
+    assert yaml.safe_load((split / "config.yaml").read_text())["num_env_steps"] == n  # written once
+
+    assert train(tmp_path, *common, "--exp_name", "straight", "--num_env_steps", str(2 * n)) == 0
+    straight = read_metrics(run_dir(tmp_path, algo, exp="straight", seed=3))
+    assert_same_rows(after, straight)
+
+
+def test_eval_only_prints_json(tmp_path, capsys):
+    assert train(tmp_path, "--algo", "mappo", "--num_env_steps", "100") == 0
+    directory = run_dir(tmp_path, "mappo")
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+    argv = ["--eval_only", "--model_dir", str(directory), "--eval_episodes", "1",
+            "--n_eval_rollout_threads", "1", "--device", "cpu", "--torch_threads", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1, out
+    result = json.loads(out[0])
+    assert math.isfinite(result["eval_return"]) and "eval_return_std" in result
+    assert result["env_steps"] == 100
+    # Evaluation is seeded (its own seed, not the training run's evaluation seed): repeatable.
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    assert {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()} == before  # read-only
+
+
+# -- subprocesses: SIGINT and wandb ---------------------------------------------------------------
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
+    cmd = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(tmp_path), "--algo", "happo",
+           "--num_env_steps", "1000000", "--no-use_eval", "--save_interval", "1000"]
+    directory = run_dir(tmp_path, "happo")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if (directory / "metrics.csv").exists() and len(read_metrics(directory)) >= 1:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.communicate()
+        assert not (directory / "checkpoints" / "last.pt").exists()  # only the interrupt saves here
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and "interrupted" in out
+    assert (directory / "checkpoints" / "last.pt").is_file()
+
+    from utils.checkpoint import load_checkpoint
+
+    saved_steps = load_checkpoint(directory)["counters"]["env_steps"]
+    assert saved_steps >= 100 and saved_steps % 100 == 0
+    assert env_steps(read_metrics(directory))[-1] >= saved_steps
+    target = saved_steps + 200
+    assert main(["--resume", str(directory), "--num_env_steps", str(target), "--no-progress"]) == 0
+    steps = env_steps(read_metrics(directory))
+    assert steps == list(range(100, target + 1, 100))  # replayed rows are not doubled
+    assert json.loads((directory / "summary.json").read_text())["env_steps"] == target
+
+
+def test_wandb_offline_writes_run_directory(tmp_path):
+    pytest.importorskip("wandb")
+    home = tmp_path / "home"
+    env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DISABLE_GIT="true",
+                         WANDB_CONFIG_DIR=str(home / "config"), WANDB_CACHE_DIR=str(home / "cache"),
+                         WANDB_DATA_DIR=str(home / "data"))
+    env.pop("WANDB_API_KEY", None)
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(results), "--algo", "ippo",
+           "--num_env_steps", "100", "--wandb"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    directory = run_dir(results, "ippo")
+    assert (directory / "wandb").is_dir()
+    offline_runs = list((directory / "wandb").glob("offline-run-*"))
+    assert offline_runs, list((directory / "wandb").iterdir())
+    assert any(p.suffix == ".wandb" for p in offline_runs[0].iterdir())
+    check_run_files(directory, 100, n_agents=2, algo="ippo")

@@ -1,0 +1,107 @@
+"""Throughput benchmark: ``bash scripts/bench.sh [--iterations N] [training flags]``.
+
+Runs a fixed training workload through the real runner (default: HAPPO, HalfCheetah 2x3
+with its tuned config, 20 envs x 200 steps, CPU) for ``--iterations`` updates, then
+steps the same vectorised envs with random actions for as many env steps. The last
+line printed is one JSON object:
+
+    {"sps": training env-steps/s, "env_only_sps": ..., "seconds": {"env": ..,
+     "inference": .., "buffer": .., "update": .., "other": ..}, "peak_rss_mb": .., ...}
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process plus its largest child (Linux: KiB units)."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return (own + children) / 1024.0
+
+
+def random_actions(spec, step, rng: np.random.Generator, E: int) -> list[np.ndarray]:
+    out = []
+    for i, agent in enumerate(spec.agents):
+        if agent.action_kind == "continuous":
+            out.append(rng.uniform(agent.action_low, agent.action_high, (E, agent.action_dim)).astype(np.float32))
+        else:  # a uniformly random available action per env
+            avail = step.avail_actions[i]
+            scores = rng.random(avail.shape) * avail
+            out.append(scores.argmax(1).astype(np.int64))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--iterations", type=int, default=10)
+    known, rest = parser.parse_known_args(argv)
+    if known.iterations <= 0:
+        print("error: --iterations must be a positive integer", file=sys.stderr)
+        return 2
+    from train.config import ConfigError, load_config
+    from train.train import main as train_main
+
+    try:
+        base = load_config(rest + ["--device", "cpu"] if "--device" not in rest else rest)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    steps_per_iter = base.n_rollout_threads * base.episode_length
+    total = known.iterations * steps_per_iter
+    with tempfile.TemporaryDirectory() as tmp:
+        flags = rest + ["--num_env_steps", str(total), "--results_dir", tmp, "--no-use_eval",
+                        "--log_interval", str(known.iterations), "--save_interval", str(known.iterations),
+                        "--no-tensorboard", "--no-progress"]
+        if "--device" not in rest:
+            flags += ["--device", "cpu"]
+        start = time.time()
+        code = train_main(flags)
+        wall = time.time() - start
+        if code != 0:
+            return code
+        run_dir = next(Path(tmp).rglob("summary.json")).parent
+        summary = json.loads((run_dir / "summary.json").read_text())
+        with open(run_dir / "metrics.csv") as fh:
+            row = list(csv.DictReader(fh))[-1]
+    phases = {k[len("time/"):-2]: float(v) for k, v in row.items() if k.startswith("time/") and v}
+    train_seconds = summary["wall_seconds"]
+    phases["other"] = max(train_seconds - sum(phases.values()), 0.0)
+
+    # The same envs with random actions: what the simulator alone allows.
+    from envs.registry import make_vec_env
+
+    env = make_vec_env(base, n_envs=base.n_rollout_threads, seed=base.seed)
+    rng = np.random.default_rng(0)
+    step = env.reset(base.seed)
+    actions = random_actions(env.spec, step, rng, env.n_envs)
+    t0 = time.perf_counter()
+    for _ in range(known.iterations * base.episode_length):
+        step = env.step(actions)
+        if env.spec.discrete:
+            actions = random_actions(env.spec, step, rng, env.n_envs)
+    env_only_sps = total / (time.perf_counter() - t0)
+    env.close()
+    result = {"workload": f"{base.algo} {env.spec.name} {base.n_rollout_threads}x{base.episode_length} "
+                          f"epochs={base.ppo_epoch} minibatches={base.actor_num_mini_batch} "
+                          f"hidden={base.hidden_sizes} workers={base.n_env_workers}",
+              "iterations": known.iterations, "env_steps": total,
+              "sps": round(total / train_seconds, 1), "env_only_sps": round(env_only_sps, 1),
+              "seconds": {k: round(v, 3) for k, v in phases.items()}, "train_seconds": round(train_seconds, 3),
+              "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
