@@ -19,6 +19,7 @@ folds agents into the env axis: B = E * len(group).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -157,6 +158,10 @@ class OnPolicyMARL:
                                                weight_decay=config.weight_decay) for c in self.critics]
         self.value_norms = nn.ModuleList([ValueNorm() for _ in self.critics]).to(device)
         self.rng = np.random.default_rng(config.seed)
+        # The critic trains on its own thread, concurrently with the actors (its data does
+        # not depend on their updates), with its own RNG so results stay deterministic.
+        self.critic_rng = np.random.default_rng(config.seed + 1)
+        self._critic_pool = ThreadPoolExecutor(1) if config.parallel_critic else None
         self.iteration = 0  # set by the runner; names the update in error messages
         trunk = self.actors[0].trunk
         self.hidden_shape = (trunk.recurrent_n, trunk.hidden_size)  # per agent
@@ -291,6 +296,8 @@ class OnPolicyMARL:
         advantages, returns = compute_gae(buf.rewards, values, terminated, truncated, final_values,
                                           cfg.gamma, cfg.gae_lambda)
         stats: dict[str, float] = {}
+        if self._critic_pool is not None:
+            critic_stats = self._critic_pool.submit(self.train_critics, buf, returns)
         n_groups = len(self.groups)
         order = np.arange(n_groups) if (cfg.fixed_order or not self.sequential) else self.rng.permutation(n_groups)
         T, E = buf.rewards.shape
@@ -309,7 +316,7 @@ class OnPolicyMARL:
                 M = M * self.new_ratio(g, batch)  # detached: later agents see a constant
             for key, value in group_stats.items():
                 stats[f"{self.label(g)}/{key}"] = value
-        stats.update(self.train_critics(buf, returns))
+        stats.update(critic_stats.result() if self._critic_pool is not None else self.train_critics(buf, returns))
         return stats
 
     @torch.no_grad()
@@ -369,7 +376,7 @@ class OnPolicyMARL:
             T, E = batch.returns.shape
             losses, norms = [], []
             for _ in range(cfg.critic_epoch):
-                for idx in minibatches(T, E, cfg.critic_num_mini_batch, self.chunk_length, self.rng):
+                for idx in minibatches(T, E, cfg.critic_num_mini_batch, self.chunk_length, self.critic_rng):
                     values, _ = critic(take(batch.inputs, idx), first_hidden(batch.hidden, idx),
                                        take(batch.starts, idx))
                     loss = self.value_loss(values, take(batch.old_values, idx), take(targets, idx),
@@ -406,7 +413,7 @@ class OnPolicyMARL:
                 "value_norms": self.value_norms.state_dict(),
                 "actor_optims": [o.state_dict() for o in self.actor_optims],
                 "critic_optims": [o.state_dict() for o in self.critic_optims],
-                "rng": self.rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "critic_rng": self.critic_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
         self.actors.load_state_dict(state["actors"])
@@ -419,3 +426,4 @@ class OnPolicyMARL:
         for opt, s in zip(self.critic_optims, state["critic_optims"]):
             opt.load_state_dict(s)
         self.rng.bit_generator.state = state["rng"]
+        self.critic_rng.bit_generator.state = state["critic_rng"]

@@ -597,6 +597,34 @@ def test_hatrpo_step_rejected_restores_parameters_bitwise():
     assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
 
 
+def test_hatrpo_rejects_a_step_outside_the_kl_threshold(monkeypatch):
+    """Only the KL test can fail here (accept_ratio = -1e9, one line-search step): the proposed
+    step's KL, measured independently, exceeds the threshold and the old parameters stay."""
+    import algorithms.hatrpo as hatrpo
+    algo, buf, batch, M = _hatrpo_case(continuous_spec(2), 6, kl_threshold=5.0, ls_step=1, accept_ratio=-1e9)
+    actor = algo.actors[0]
+    before = [p.detach().clone() for p in actor.parameters()]
+    old_dist = _old_dist(actor, batch)
+    _, surrogate0, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
+    proposed = []
+    real_set = hatrpo.set_flat_params
+
+    def spy(params, flat):
+        proposed.append(flat.clone())
+        real_set(params, flat)
+
+    monkeypatch.setattr(hatrpo, "set_flat_params", spy)
+    stats = algo.actor_step(0, batch, M)
+    assert stats["accepted"] == 0.0
+    assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
+    assert len(proposed) == 2  # the trial step, then the restore
+    assert torch.equal(proposed[1], flat_params(before))
+    trial = copy.deepcopy(actor)
+    set_flat_params(list(trial.parameters()), proposed[0])
+    kl, surrogate1, _ = _mean_kl_and_surrogate(trial, batch, old_dist, M)
+    assert kl >= algo.config.kl_threshold and surrogate1 > surrogate0
+
+
 @pytest.mark.parametrize("spec_fn,seed,overrides", [
     (continuous_spec, 6, dict(kl_threshold=5.0, ls_step=1)),
     (discrete_spec, 7, dict(kl_threshold=3.0, ls_step=1)),

@@ -85,6 +85,7 @@ class Config:
     use_value_active_masks: bool = True  # dead agents out of per-agent critic losses
     fixed_order: bool = False  # ablation: update agents in index order, not shuffled
     share_param: bool = False  # one actor for all agents (MAPPO default)
+    parallel_critic: bool = True  # train the critic on a second thread while the actors update
 
     # --- HATRPO -------------------------------------------------------------------------
     kl_threshold: float = 0.01
@@ -160,7 +161,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # may differ when a run is resumed or evaluated.
 RUNTIME_FIELDS = ("resume", "eval_only", "model_dir", "results_dir", "device", "torch_threads",
                   "progress", "wandb", "tensorboard", "config", "max_env_restarts",
-                  "num_env_steps", "n_env_workers")
+                  "num_env_steps", "n_env_workers", "parallel_critic")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
