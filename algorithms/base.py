@@ -103,13 +103,13 @@ def minibatches(T: int, B: int, num_mini_batch: int, chunk_length: int | None,
             yield None
             return
         perm = torch.from_numpy(rng.permutation(T * B))
-        for part in perm.chunk(num_mini_batch):
+        for part in perm.tensor_split(num_mini_batch):
             yield (part // B).unsqueeze(0), part % B
         return
     n_chunks = (T // chunk_length) * B
     perm = torch.from_numpy(rng.permutation(n_chunks))
     offsets = torch.arange(chunk_length).unsqueeze(1)
-    for part in perm.chunk(num_mini_batch):
+    for part in perm.tensor_split(num_mini_batch):
         starts, b_idx = (part // B) * chunk_length, part % B
         yield starts.unsqueeze(0) + offsets, b_idx
 
@@ -301,13 +301,15 @@ class OnPolicyMARL:
         n_groups = len(self.groups)
         order = np.arange(n_groups) if (cfg.fixed_order or not self.sequential) else self.rng.permutation(n_groups)
         T, E = buf.rewards.shape
+        # With shared parameters there is one group (all agents): nothing precedes it, M = 1.
+        use_M = self.sequential and n_groups > 1
         M = torch.ones(T, E, device=self.device)
         for position, g in enumerate(order):
             batch = self.actor_batch(int(g), buf, advantages)
-            weight = M if self.sequential else torch.ones_like(batch.old_log_probs)
+            weight = M if use_M else torch.ones_like(batch.old_log_probs)
             group_stats = self.actor_step(int(g), batch, weight)
             self.check_finite_params(self.actors[g], self.label(g))
-            if self.sequential:
+            if use_M:
                 group_stats["M_mean"] = float(M.mean())
                 group_stats["M_std"] = float(M.std())
                 group_stats["M_min"] = float(M.min())

@@ -47,10 +47,16 @@ class MetricsLogger:
         self._tty = sys.stdout.isatty()
 
     def _truncate(self, keep_up_to: int) -> None:
-        with open(self.path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            self.header = list(reader.fieldnames or [])
-            rows = [r for r in reader if r.get("env_steps") and int(float(r["env_steps"])) <= keep_up_to]
+        text = self.path.read_text()
+        if not text.endswith("\n"):  # a row cut short by a crash mid-write: drop it
+            text = text[: text.rfind("\n") + 1]
+        reader = csv.DictReader(io.StringIO(text))
+        self.header = list(reader.fieldnames or [])
+        if not self.header:
+            self.header = None
+            return
+        rows = [r for r in reader
+                if None not in r and r.get("env_steps") and int(float(r["env_steps"])) <= keep_up_to]
         self._rewrite(rows)
 
     def _rewrite(self, rows: list[dict[str, str]]) -> None:
