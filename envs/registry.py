@@ -6,6 +6,7 @@ that, say, MaMuJoCo users never import JAX.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any
 
@@ -34,7 +35,20 @@ def check_task(values: dict[str, Any]) -> None:
     family(values["env"]).check_task(values)
 
 
-def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False, **kwargs):
-    """Build ``n_envs`` copies of ``config``'s task (see envs.base.VecEnv)."""
+def _make_in_process(config, n_envs: int, seed: int, evaluation: bool = False, **kwargs):
     return family(config.env).make_vec_env(config, n_envs=n_envs, seed=seed,
                                            evaluation=evaluation, **kwargs)
+
+
+def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False, **kwargs):
+    """Build ``n_envs`` copies of ``config``'s task (see envs.base.VecEnv).
+
+    Training envs are split over ``config.n_env_workers`` processes when it is > 1
+    (envs.workers); evaluation and rendering envs always run in-process.
+    """
+    workers = getattr(config, "n_env_workers", 1)
+    if workers > 1 and not evaluation and not kwargs:
+        from envs.workers import WorkerVecEnv
+
+        return WorkerVecEnv(functools.partial(_make_in_process, config), n_envs, workers, seed)
+    return _make_in_process(config, n_envs, seed, evaluation, **kwargs)

@@ -5,8 +5,10 @@ with its tuned config, 20 envs x 200 steps, CPU) for ``--iterations`` updates, t
 steps the same vectorised envs with random actions for as many env steps. The last
 line printed is one JSON object:
 
-    {"sps": training env-steps/s, "env_only_sps": ..., "seconds": {"env": ..,
-     "inference": .., "buffer": .., "update": .., "other": ..}, "peak_rss_mb": .., ...}
+    {"sps": training env-steps/s (iterations 2..N: start-up such as JIT compiles
+     excluded; "sps_with_startup" includes it), "env_only_sps": ..., "seconds":
+     {"env": .., "inference": .., "buffer": .., "update": .., "other": ..} (iterations
+     2..N), "peak_rss_mb": .., ...}
 """
 from __future__ import annotations
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     total = known.iterations * steps_per_iter
     with tempfile.TemporaryDirectory() as tmp:
         flags = rest + ["--num_env_steps", str(total), "--results_dir", tmp, "--no-use_eval",
-                        "--log_interval", str(known.iterations), "--save_interval", str(known.iterations),
+                        "--log_interval", "1", "--save_interval", str(known.iterations),
                         "--no-tensorboard", "--no-progress"]
         if "--device" not in rest:
             flags += ["--device", "cpu"]
@@ -73,10 +75,18 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = next(Path(tmp).rglob("summary.json")).parent
         summary = json.loads((run_dir / "summary.json").read_text())
         with open(run_dir / "metrics.csv") as fh:
-            row = list(csv.DictReader(fh))[-1]
-    phases = {k[len("time/"):-2]: float(v) for k, v in row.items() if k.startswith("time/") and v}
+            rows = list(csv.DictReader(fh))
+    # Steady state: iteration 1 carries one-off start-up (JIT compiles, allocator warm-up).
+    steady = rows[1:] if len(rows) > 1 else rows
+    steady_seconds = float(steady[-1]["wall_seconds"]) - (float(rows[0]["wall_seconds"]) if len(rows) > 1 else 0.0)
+    steady_steps = int(steady[-1]["env_steps"]) - (int(rows[0]["env_steps"]) if len(rows) > 1 else 0)
+    phases: dict[str, float] = {}
+    for row in steady:
+        for key, value in row.items():
+            if key.startswith("time/") and value:
+                phases[key[len("time/"):-2]] = phases.get(key[len("time/"):-2], 0.0) + float(value)
+    phases["other"] = max(steady_seconds - sum(phases.values()), 0.0)
     train_seconds = summary["wall_seconds"]
-    phases["other"] = max(train_seconds - sum(phases.values()), 0.0)
 
     # The same envs with random actions: what the simulator alone allows.
     from envs.registry import make_vec_env
@@ -85,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     step = env.reset(base.seed)
     actions = random_actions(env.spec, step, rng, env.n_envs)
+    for _ in range(3):  # compile / warm up, as the training figure excludes start-up too
+        step = env.step(actions)
+        if env.spec.discrete:
+            actions = random_actions(env.spec, step, rng, env.n_envs)
     t0 = time.perf_counter()
     for _ in range(known.iterations * base.episode_length):
         step = env.step(actions)
@@ -96,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"epochs={base.ppo_epoch} minibatches={base.actor_num_mini_batch} "
                           f"hidden={base.hidden_sizes} workers={base.n_env_workers}",
               "iterations": known.iterations, "env_steps": total,
-              "sps": round(total / train_seconds, 1), "env_only_sps": round(env_only_sps, 1),
-              "seconds": {k: round(v, 3) for k, v in phases.items()}, "train_seconds": round(train_seconds, 3),
+              "sps": round(steady_steps / steady_seconds, 1), "env_only_sps": round(env_only_sps, 1),
+              "seconds": {k: round(v, 3) for k, v in phases.items()},
+              "sps_with_startup": round(total / train_seconds, 1), "train_seconds": round(train_seconds, 3),
               "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
     print(json.dumps(result))
     return 0
