@@ -77,12 +77,12 @@ class MaMuJoCoVecEnv(VecEnv):
     """``n_envs`` MaMuJoCo copies stepped in this process. See ``envs.base``."""
 
     def __init__(self, scenario: str, agent_conf: str, agent_obsk: int, n_envs: int,
-                 seed: int, render_mode: str | None = None):
+                 seed: int, render_mode: str | None = None, **env_kwargs):
         mamujoco_v1 = _import_mamujoco()
         self.n_envs = n_envs
         self._seed = seed
         self._make = lambda: mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk,
-                                                      render_mode=render_mode)
+                                                      render_mode=render_mode, **env_kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self._ma_envs = [self._make() for _ in range(n_envs)]
@@ -272,7 +272,8 @@ class MaMuJoCoVecEnv(VecEnv):
         self._fill_obs(self._state, self._obs)
 
     def render(self, env_index: int = 0) -> np.ndarray:
-        return self._ma_envs[env_index].render()
+        # Straight to the MuJoCo env: its wrappers never saw our (unwrapped) resets.
+        return self._raw[env_index].render()
 
     def close(self) -> None:
         for env in self._ma_envs:
@@ -280,6 +281,7 @@ class MaMuJoCoVecEnv(VecEnv):
 
 
 def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False,
-                 render_mode: str | None = None) -> VecEnv:
+                 render_mode: str | None = None, **env_kwargs) -> VecEnv:
+    """``env_kwargs`` go to the MuJoCo env (e.g. ``width``/``height`` for rendering)."""
     return MaMuJoCoVecEnv(config.scenario, str(config.agent_conf), config.agent_obsk, n_envs,
-                          seed=seed, render_mode=render_mode)
+                          seed=seed, render_mode=render_mode, **env_kwargs)

@@ -63,6 +63,42 @@ def check_task(values: dict[str, Any]) -> None:
                           f"got {map_name!r}")
 
 
+def _import_jaxmarl():
+    """Import jaxmarl quietly and without side effects on the caller's streams.
+
+    jaxmarl prints notices on import and one of its modules resets sys.stdout/stderr to
+    the process originals (breaking redirections such as pytest's capture): undo both.
+    Compiled SMAX steps are cached on disk (``HARL_JAX_CACHE``, default
+    ``~/.cache/harl-lite/jax``; empty disables) so later runs skip most compile time.
+    """
+    import os
+    import sys
+
+    saved = sys.stdout, sys.stderr
+    sys.stdout.flush()
+    saved_fd = os.dup(1)  # jaxmarl prints to the real stdout: silence the descriptor
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        import jax
+        import jaxmarl
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved_fd, 1)
+        os.close(saved_fd)
+        os.close(devnull)
+        sys.stdout, sys.stderr = saved
+    cache = os.environ.get("HARL_JAX_CACHE", os.path.expanduser("~/.cache/harl-lite/jax"))
+    if cache and not jax.config.jax_compilation_cache_dir:
+        try:
+            os.makedirs(cache, exist_ok=True)
+            jax.config.update("jax_compilation_cache_dir", cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        except OSError:
+            pass
+    return jax, jaxmarl
+
+
 def _strong(tree):
     """Same dtypes without JAX's weak typing (avoids a recompile on the second call)."""
     import jax
@@ -82,9 +118,8 @@ class SMAXVecEnv(VecEnv):
     """
 
     def __init__(self, map_name: str, n_envs: int, seed: int, **env_kwargs):
-        import jax
+        jax, jaxmarl = _import_jaxmarl()
         import jax.numpy as jnp
-        import jaxmarl
         from jaxmarl.environments.smax import map_name_to_scenario
 
         check_task({"map_name": map_name})

@@ -248,7 +248,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         description="Train HAPPO / HATRPO / MAPPO / IPPO. Flags override configs/<env>/<task>.yaml.",
-        argument_default=argparse.SUPPRESS)
+        epilog="Sweeps: a comma list in --algo, --seed, --scenario, --agent_conf or --map_name, or "
+               "--seeds 1,2,3, runs every combination as a separate run (train/sweep.py); "
+               "--max_parallel N bounds how many run at once (default: cores); "
+               "--ray_address auto|local|<address> runs them as Ray tasks.",
+        argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, f in FIELDS.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         kind = _FIELD_TYPES[name]

@@ -1,0 +1,125 @@
+"""Rendering a trained run to a video (train/render.py, scripts/render.sh).
+
+A tiny MaMuJoCo run (one 100-step iteration) and a tiny SMAX 3m run (10 steps, no
+evaluation) are trained in-process, then rendered: MaMuJoCo episodes are cut with
+--max_steps (they last 1000 steps), SMAX 3m episodes are short and play to the end. The
+SMAX test uses a JAX compilation cache in a temporary folder so that the rendering
+environment reuses the training environment's compiled step (about 15 s less).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+imageio = pytest.importorskip("imageio.v2")
+
+from train.render import main as render_main  # noqa: E402
+from train.train import main as train_main  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+COMMON = ["--hidden_sizes", "16", "--ppo_epoch", "1", "--critic_epoch", "1", "--device", "cpu",
+          "--torch_threads", "1", "--no-progress", "--no-tensorboard"]
+
+
+def read_frames(path: Path) -> list[np.ndarray]:
+    assert path.is_file() and path.stat().st_size > 0, path
+    return list(imageio.mimread(path, memtest=False))
+
+
+@pytest.fixture(scope="module")
+def mujoco_run(tmp_path_factory) -> Path:
+    pytest.importorskip("gymnasium_robotics")
+    pytest.importorskip("mujoco")
+    results = tmp_path_factory.mktemp("render-mujoco")
+    rc = train_main([*COMMON, "--results_dir", str(results), "--n_rollout_threads", "2", "--episode_length", "50",
+                     "--num_env_steps", "100", "--eval_episodes", "1", "--n_eval_rollout_threads", "1"])
+    assert rc == 0
+    return results / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
+
+
+def test_mamujoco_mp4(mujoco_run, capsys):
+    rc = render_main([str(mujoco_run), "--max_steps", "12", "--episodes", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    video = mujoco_run / "video.mp4"  # the default output
+    frames = read_frames(video)
+    assert len(frames) == 1 + 12 + 12  # first state + every step (the 2nd episode's first state is cut)
+    assert frames[0].shape == (480, 480, 3) and frames[0].std() > 0
+    assert not np.array_equal(frames[1], frames[-1])
+    assert "episode 1: return" in out and "episode 2: return" in out and "eval_return" in out
+    assert f"wrote {video} (25 frames" in out
+
+
+def test_mamujoco_gif_resized_through_the_script(mujoco_run, tmp_path):
+    out = tmp_path / "clip" / "cheetah.gif"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "render.sh"), str(mujoco_run), "--max_steps", "5",
+                           "--out", str(out), "--width", "96", "--fps", "10"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    frames = read_frames(out)
+    assert len(frames) > 1 and frames[0].shape[:2] == (96, 96)
+    assert f"wrote {out}" in proc.stdout and "episode 1: return" in proc.stdout
+
+
+def test_bad_input_is_one_line(mujoco_run, tmp_path, capsys):
+    cases = [([str(tmp_path / "nowhere")], "no such run directory"),
+             ([str(tmp_path)], "no checkpoint at"),
+             ([str(mujoco_run), "--out", str(tmp_path / "x.avi")], "must be .mp4 or .gif"),
+             ([str(mujoco_run), "--episodes", "0"], "--episodes must be a positive integer")]
+    for argv, message in cases:
+        assert render_main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def jaxmarl():
+    """Imported before the test's capsys starts: importing jaxmarl (its mabrax module)
+    sets sys.stdout / sys.stderr back to sys.__stdout__ / sys.__stderr__, which would
+    take the output away from capsys."""
+    return pytest.importorskip("jaxmarl")
+
+
+@pytest.fixture
+def jax_compile_cache(tmp_path):
+    """A persistent JAX compilation cache for this test only (restored afterwards)."""
+    jax = pytest.importorskip("jax")
+    try:
+        from jax._src.compilation_cache import reset_cache
+    except ImportError:  # another JAX layout: run without the cache (slower)
+        yield
+        return
+    names = {"jax_compilation_cache_dir": str(tmp_path / "jax-cache"),
+             "jax_persistent_cache_min_compile_time_secs": 0,
+             "jax_persistent_cache_min_entry_size_bytes": 0}
+    old = {name: getattr(jax.config, name) for name in names}
+    for name, value in names.items():
+        jax.config.update(name, value)
+    reset_cache()
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            jax.config.update(name, value)
+        reset_cache()
+
+
+def test_smax_3m_gif(jaxmarl, jax_compile_cache, tmp_path, capsys):
+    rc = train_main([*COMMON, "--env", "smax", "--map_name", "3m", "--results_dir", str(tmp_path),
+                     "--n_rollout_threads", "1", "--episode_length", "10", "--num_env_steps", "10",
+                     "--no-use_eval"])
+    assert rc == 0
+    run = tmp_path / "smax" / "3m" / "happo" / "default" / "seed-1"
+    out = tmp_path / "battle.gif"
+    rc = render_main([str(run), "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    frames = read_frames(out)
+    assert len(frames) > 1 and frames[0].shape == (320, 320, 3)
+    assert "episode 1: return" in printed and "win_rate" in printed and f"wrote {out}" in printed
+    assert os.path.getsize(out) > 0

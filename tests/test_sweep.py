@@ -1,0 +1,131 @@
+"""Sweeps (train/sweep.py): comma lists -> one process per run, local pool or Ray.
+
+Runs are tiny (HalfCheetah 2x3, 2 envs x 50 steps, one iteration); each subprocess takes
+a few seconds. The local 2x2 sweep takes about 20 s on 2 cores, the Ray one about 35 s
+(most of it starting Ray).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gymnasium_robotics")
+pytest.importorskip("mujoco")
+
+from train.sweep import main as sweep_main, plan  # noqa: E402
+from train.train import main as train_main  # noqa: E402
+
+TINY = ["--n_rollout_threads", "2", "--episode_length", "50", "--num_env_steps", "100", "--hidden_sizes", "16",
+        "--ppo_epoch", "1", "--critic_epoch", "1", "--eval_episodes", "1", "--n_eval_rollout_threads", "1",
+        "--device", "cpu", "--no-tensorboard"]
+ALGOS, SEEDS = ("happo", "hatrpo"), (1, 2)
+
+
+def run_dir(results: Path, algo: str, seed: int) -> Path:
+    return results / "mamujoco" / "HalfCheetah-2x3" / algo / "default" / f"seed-{seed}"
+
+
+def check_2x2(results: Path, rc: int, out: str) -> None:
+    assert rc == 0, out
+    for algo in ALGOS:
+        for seed in SEEDS:
+            directory = run_dir(results, algo, seed)
+            summary = json.loads((directory / "summary.json").read_text())
+            assert summary["algo"] == algo and summary["seed"] == seed
+            assert summary["eval_return_mean"] is not None
+            assert f"ok      {directory}  eval_return_mean" in out
+            log = results / "sweep-logs" / f"mamujoco_HalfCheetah-2x3_{algo}_default_seed{seed}.log"
+            text = log.read_text()
+            assert "--torch_threads 1" in text.splitlines()[0] and "--no-progress" in text.splitlines()[0]
+            assert f"run dir {directory}" in text
+    assert "4/4 run(s) succeeded" in out
+
+
+def test_plan_expands_the_product_and_passes_other_flags(tmp_path):
+    sweep = plan([*TINY, "--results_dir", str(tmp_path), "--algo", "happo,hatrpo", "--seeds", "1,2,3",
+                  "--agent_conf=2x3,6x1", "--max_parallel", "3"])
+    assert sweep.max_parallel == 3 and sweep.ray_address is None
+    assert len(sweep.runs) == 12
+    assert len({run.run_dir for run in sweep.runs}) == 12
+    for run in sweep.runs:
+        argv = run.argv
+        assert "--seeds" not in argv and "--max_parallel" not in argv
+        assert all("," not in argv[k + 1] for k, t in enumerate(argv) if t in ("--algo", "--seed", "--agent_conf"))
+        assert argv[argv.index("--hidden_sizes") + 1] == "16" and argv[-1] == "--no-progress"
+        assert argv[argv.index("--torch_threads") + 1] == "1"
+    given = plan([*TINY, "--results_dir", str(tmp_path), "--seed", "1,2", "--torch_threads", "2"])
+    assert [r.argv.count("--torch_threads") for r in given.runs] == [1, 1]
+    assert all(r.argv[r.argv.index("--torch_threads") + 1] == "2" for r in given.runs)
+
+
+def test_local_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
+    results = tmp_path / "results"
+    rc = train_main([*TINY, "--results_dir", str(results), "--algo", ",".join(ALGOS),
+                     "--seeds", "1,2", "--max_parallel", "2"])
+    out = capsys.readouterr().out
+    check_2x2(results, rc, out)
+    assert "at most 2 at a time, on this machine" in out
+
+
+def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
+    results = tmp_path / "results"
+    taken = run_dir(results, "happo", 2)
+    taken.mkdir(parents=True)
+    (taken / "metrics.csv").write_text("env_steps\n")  # a run already lives here: that run exits 2
+    rc = sweep_main([*TINY, "--results_dir", str(results), "--algo", "happo", "--seeds", "1,2",
+                     "--max_parallel", "2"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert (run_dir(results, "happo", 1) / "summary.json").is_file()
+    assert not (taken / "summary.json").exists()
+    assert "FAILED  HalfCheetah-2x3 happo default seed 2: exit 2; error: run directory" in out
+    assert f"failed  {taken}  exit 2: error: run directory {taken} already holds a run" in out
+    assert f"ok      {run_dir(results, 'happo', 1)}  eval_return_mean" in out
+    assert "1/2 run(s) succeeded" in out
+
+
+def test_ray_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
+    pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
+    results = tmp_path / "results"
+    rc = sweep_main([*TINY, "--results_dir", str(results), "--algo", ",".join(ALGOS),
+                     "--seeds", "1,2", "--max_parallel", "2", "--ray_address", "local"])
+    captured = capsys.readouterr()
+    if rc == 2 and "could not start or reach Ray" in captured.err:
+        pytest.skip(f"a local Ray instance cannot start here: {captured.err.strip()}")
+    check_2x2(results, rc, captured.out)
+    assert "on Ray (local)" in captured.out
+
+
+def test_bad_flags_are_rejected_before_anything_starts(tmp_path, capsys):
+    results = tmp_path / "results"
+    rc = train_main([*TINY, "--results_dir", str(results), "--algo", "happo,nosuch", "--seeds", "1,2"])
+    captured = capsys.readouterr()
+    assert rc == 2
+    assert captured.err.count("\n") == 1 and "nosuch" in captured.err and "--algo must be one of" in captured.err
+    assert "sweep:" not in captured.out
+    assert not results.exists()  # no run dir, no log
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "1", "--seeds", "2,3"], "not both"),
+    (["--seeds", "1,,2"], "empty item"),
+    (["--seeds", "1,2", "--max_parallel", "0"], "--max_parallel must be a positive integer"),
+    (["--map_name", "3m,8m"], "would share the run directory"),
+    (["--seeds", "1,2", "--resume", "somewhere"], "cannot be part of a sweep"),
+])
+def test_other_sweep_errors(tmp_path, capsys, flags, message):
+    assert sweep_main([*TINY, "--results_dir", str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_ray_missing_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
+    assert sweep_main([*TINY, "--results_dir", str(tmp_path / "r"), "--ray_address", "auto"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install ray" in err
+    assert not (tmp_path / "r").exists()

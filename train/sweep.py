@@ -1,0 +1,428 @@
+"""Sweeps: the cartesian product of comma lists, each run in its own process.
+
+``python -m train.train --algo happo,hatrpo --seeds 1,2,3 --max_parallel 3 [flags]``
+(``train.train`` hands any command line with a comma list in ``--algo``, ``--seed``,
+``--scenario``, ``--agent_conf`` or ``--map_name``, or with ``--seeds``,
+``--max_parallel`` or ``--ray_address``, to ``main`` here).
+
+* Every run is ``python -m train.train <flags> --no-progress`` in the repository root,
+  with one torch thread unless ``--torch_threads`` (flag or config file) says otherwise.
+  Every other flag passes through unchanged, except that relative ``--results_dir`` and
+  ``--config`` paths are made absolute: they mean what they mean for a single run started
+  where the sweep was started.
+* All runs are validated before any starts (bad flags: one line, exit status 2).
+* At most ``--max_parallel`` runs at a time (default: the number of CPU cores).
+* A run's output goes to ``<results_dir>/sweep-logs/<env>_<task>_<algo>_<exp>_seed<n>.log``
+  (appended to, after a header line naming the sweep).
+* A failed run is reported as it ends (exit status and the last line of its log); the
+  others carry on. At the end one line per run; exit status 0 if every run succeeded, 1
+  otherwise.
+* ``--ray_address auto|<address>|local`` runs the same commands as Ray tasks
+  (``num_cpus=1`` each) on a Ray cluster; ``local`` starts a private local Ray instance
+  with ``--max_parallel`` CPUs. Results and logs must then be on a file system every node
+  sees, and the repository must live at the same path on every node.
+"""
+from __future__ import annotations
+
+import datetime
+import itertools
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from train.config import REPO_ROOT, ConfigError, load_config
+
+# canonical key -> the spellings accepted on the command line
+SWEEPABLE = {
+    "algo": ("--algo",),
+    "seed": ("--seed",),
+    "scenario": ("--scenario",),
+    "agent_conf": ("--agent_conf", "--agent-conf"),
+    "map_name": ("--map_name", "--map-name"),
+}
+SWEEP_ONLY = {
+    "seeds": ("--seeds",),
+    "max_parallel": ("--max_parallel", "--max-parallel"),
+    "ray_address": ("--ray_address", "--ray-address"),
+}
+ORDER = ("scenario", "agent_conf", "map_name", "algo", "seed")  # outermost first
+PATH_FLAGS = ("--config",)
+LOG_TAIL_LINES = 20
+
+
+@dataclass
+class Run:
+    label: str  # e.g. "HalfCheetah-2x3 happo seed 1"
+    argv: list[str]  # flags for train.train
+    run_dir: Path
+    log: Path
+    returncode: int | None = None
+    tail: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    error: str = ""  # why it could not run at all (e.g. a Ray task crashed)
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def last_line(self) -> str:
+        return self.error or next((line for line in reversed(self.tail) if line.strip()), "(no output)")
+
+
+# -- command line ---------------------------------------------------------------------------
+def split_argv(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """Pull the sweepable and sweep-only flags out of ``argv``.
+
+    Returns ({canonical key: raw value}, the remaining tokens in their original order).
+    A flag given twice keeps its last value (as argparse does).
+    """
+    spelling = {s: key for table in (SWEEPABLE, SWEEP_ONLY) for key, names in table.items() for s in names}
+    values: dict[str, str] = {}
+    rest: list[str] = []
+    k = 0
+    while k < len(argv):
+        token = argv[k]
+        name, eq, inline = token.partition("=")
+        if name in spelling:
+            if eq:
+                value = inline
+                k += 1
+            elif k + 1 < len(argv):
+                value = argv[k + 1]
+                k += 2
+            else:
+                raise ConfigError(f"argument {name}: expected one argument")
+            values[spelling[name]] = value
+            continue
+        rest.append(token)
+        k += 1
+    return values, rest
+
+
+def comma_list(flag: str, value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",")]
+    if not all(items):
+        raise ConfigError(f"--{flag}: empty item in the list {value!r}")
+    return list(dict.fromkeys(items))  # drop repeats, keep order
+
+
+def absolutize_paths(tokens: list[str]) -> list[str]:
+    """A relative --config path, made absolute (the runs start in the repository root)."""
+    out = list(tokens)
+    for k, token in enumerate(out):
+        name, eq, inline = token.partition("=")
+        if name not in PATH_FLAGS:
+            continue
+        if eq and inline:
+            out[k] = f"{name}={os.path.abspath(inline)}"
+        elif not eq and k + 1 < len(out) and out[k + 1]:
+            out[k + 1] = os.path.abspath(out[k + 1])
+    return out
+
+
+def drop_flag(tokens: list[str], *names: str) -> list[str]:
+    """``tokens`` without the valued flag ``names`` (``--x v`` and ``--x=v`` forms)."""
+    out, k = [], 0
+    while k < len(tokens):
+        name, eq, _ = tokens[k].partition("=")
+        if name in names:
+            k += 1 if eq else 2
+            continue
+        out.append(tokens[k])
+        k += 1
+    return out
+
+
+def has_flag(tokens: list[str], *names: str) -> bool:
+    return any(t.partition("=")[0] in names for t in tokens)
+
+
+@dataclass
+class Plan:
+    runs: list[Run]
+    max_parallel: int
+    ray_address: str | None
+
+
+def plan(argv: list[str]) -> Plan:
+    """Expand, validate and name every run; raises ConfigError (nothing started)."""
+    from envs.registry import task_name
+    from train.train import run_dir_for
+
+    values, rest = split_argv(argv)
+    if "seeds" in values and "seed" in values:
+        raise ConfigError("give --seed or --seeds, not both")
+    if "seeds" in values:
+        values["seed"] = values.pop("seeds")
+    max_parallel = os.cpu_count() or 1
+    if "max_parallel" in values:
+        raw = values.pop("max_parallel")
+        try:
+            max_parallel = int(raw)
+        except ValueError:
+            max_parallel = 0
+        if max_parallel <= 0:
+            raise ConfigError(f"--max_parallel must be a positive integer; got {raw!r}")
+    ray_address = values.pop("ray_address", None)
+    if ray_address is not None and not ray_address.strip():
+        raise ConfigError("--ray_address needs a value: auto, local or <host:port>")
+    for name in ("--resume", "--eval_only", "--eval-only", "--model_dir", "--model-dir"):
+        if has_flag(rest, name):
+            raise ConfigError(f"{name} cannot be part of a sweep (resume or evaluate runs one at a time)")
+    rest = absolutize_paths(rest)
+    axes = [(key, comma_list(key, values[key])) for key in ORDER if key in values]
+    runs: list[Run] = []
+    seen: dict[Path, str] = {}
+    for combo in itertools.product(*(items for _, items in axes)):
+        fixed = [tok for (key, _), value in zip(axes, combo) for tok in (f"--{key}", value)]
+        child = [*rest, *fixed]
+        described = " ".join(f"--{key} {value}" for (key, _), value in zip(axes, combo))
+        try:
+            config = load_config(child)
+        except ConfigError as exc:
+            raise ConfigError(f"run {described or '(single)'}: {exc}") from None
+        if config.torch_threads == 0:  # not chosen by a flag or a config file
+            child += ["--torch_threads", "1"]
+        if not os.path.isabs(config.results_dir):  # relative to where the sweep started, as for one run
+            config.results_dir = os.path.abspath(config.results_dir)
+            child = [*drop_flag(child, "--results_dir", "--results-dir"), "--results_dir", config.results_dir]
+        child.append("--no-progress")
+        run_dir = run_dir_for(config)
+        if run_dir in seen:
+            raise ConfigError(f"runs {seen[run_dir]!r} and {described!r} would share the run directory "
+                              f"{run_dir} (does every swept flag apply to --env {config.env}?)")
+        seen[run_dir] = described
+        task = task_name(config.to_dict())
+        log = (Path(config.results_dir) / "sweep-logs"
+               / f"{config.env}_{task}_{config.algo}_{config.exp_name}_seed{config.seed}.log")
+        runs.append(Run(label=f"{task} {config.algo} {config.exp_name} seed {config.seed}",
+                        argv=child, run_dir=run_dir, log=log))
+    return Plan(runs, max_parallel, ray_address)
+
+
+# -- executing one run (also the body of a Ray task: standard library only) --------------------
+def run_command(argv: list[str], log_path: str, repo_root: str, header: str,
+                tail_lines: int = LOG_TAIL_LINES, on_start=None,
+                new_session: bool = False) -> tuple[int, list[str]]:
+    """``python -m train.train <argv>`` in ``repo_root``, output appended to ``log_path``.
+
+    Returns (exit status, last lines of the log). ``on_start(popen)`` lets the caller
+    forward signals; with ``new_session`` the run does not receive the terminal's Ctrl-C
+    itself (the caller forwards exactly one signal, see ``LocalPool``).
+    """
+    import collections
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env["PYTHONPATH"] = repo_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    command = [sys.executable, "-m", "train.train", *argv]
+    with open(log_path, "ab") as log:
+        log.write(f"=== {header}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(command, cwd=repo_root, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=new_session)
+        except OSError as exc:
+            log.write(f"could not start {command[0]}: {exc}\n".encode())
+            return 127, [f"could not start {command[0]}: {exc}"]
+        if on_start is not None:
+            on_start(proc)
+        returncode = proc.wait()
+    with open(log_path, "rb") as log:
+        log.seek(max(0, os.path.getsize(log_path) - 16_384))
+        lines = log.read().decode(errors="replace").splitlines()
+    return returncode, list(collections.deque(lines, maxlen=tail_lines))
+
+
+def _header(run: Run) -> str:
+    stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    return f"sweep {stamp}: python -m train.train {shlex.join(run.argv)}"
+
+
+# -- reporting ---------------------------------------------------------------------------------
+def report_finished(run: Run, done: int, total: int) -> None:
+    if run.ok:
+        print(f"[{done}/{total}] ok      {run.label} ({run.seconds:.0f} s)", flush=True)
+    else:
+        status = f"exit {run.returncode}" if run.returncode is not None else "did not run"
+        where = f"  (log: {run.log})" if run.log.exists() else ""
+        print(f"[{done}/{total}] FAILED  {run.label}: {status}; {run.last_line()}{where}", flush=True)
+
+
+def summary_line(run: Run) -> str:
+    if not run.ok:
+        status = f"exit {run.returncode}" if run.returncode is not None else "did not run"
+        return f"failed  {run.run_dir}  {status}: {run.last_line()}"
+    parts = []
+    try:
+        summary = json.loads((run.run_dir / "summary.json").read_text())
+        for key in ("eval_win_rate", "eval_return_mean"):
+            if summary.get(key) is not None:
+                parts.append(f"{key} {summary[key]:.4g}")
+    except (OSError, ValueError):
+        parts.append("(no summary.json)")
+    return f"ok      {run.run_dir}  {' '.join(parts) or 'no evaluation'}"
+
+
+# -- local pool ----------------------------------------------------------------------------
+class LocalPool:
+    """At most ``max_parallel`` runs at a time, each a subprocess driven from a thread."""
+
+    def __init__(self, runs: list[Run], max_parallel: int):
+        self.runs, self.max_parallel = runs, max_parallel
+        self.live: set[subprocess.Popen] = set()
+        self.lock = threading.Lock()
+        self.stopping = False
+
+    def _one(self, run: Run) -> Run:
+        if self.stopping:
+            run.error = "not started (sweep interrupted)"
+            return run
+        start = time.time()
+
+        def started(proc):
+            with self.lock:
+                self.live.add(proc)
+                if self.stopping:  # a signal arrived while it was starting
+                    proc.send_signal(signal.SIGTERM)
+
+        try:
+            run.returncode, run.tail = run_command(run.argv, str(run.log), str(REPO_ROOT), _header(run),
+                                                   on_start=started, new_session=True)
+        except OSError as exc:
+            run.error = f"could not write the log {run.log}: {exc.strerror}"
+        finally:
+            with self.lock:
+                self.live = {p for p in self.live if p.poll() is None}
+        run.seconds = time.time() - start
+        return run
+
+    def _stop(self, signum, frame) -> None:
+        """SIGTERM/SIGINT: start nothing new; the runs save a checkpoint and stop."""
+        self.stopping = True
+        with self.lock:
+            for proc in self.live:
+                if proc.poll() is None:
+                    try:
+                        proc.send_signal(signum)
+                    except OSError:
+                        pass
+        print(f"\nsweep: stopping (signal {signum}); running runs save a checkpoint and stop", flush=True)
+
+    def execute(self) -> None:
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            with ThreadPoolExecutor(max_workers=self.max_parallel) as pool:
+                futures = [pool.submit(self._one, run) for run in self.runs]
+                for done, future in enumerate(as_completed(futures), 1):
+                    report_finished(future.result(), done, len(self.runs))
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+# -- Ray ---------------------------------------------------------------------------------------
+def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given: bool) -> None:
+    """The same commands as Ray tasks (one CPU each), reported as they finish."""
+    import logging
+
+    import ray
+    from ray import cloudpickle
+
+    # Ship run_command by value: workers need neither this repository on sys.path nor its
+    # packages (run_command uses the standard library only).
+    cloudpickle.register_pickle_by_value(sys.modules[run_command.__module__])
+    options = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=max_parallel, **options)
+        else:
+            ray.init(address=address, **options)
+    except Exception as exc:  # ConnectionError, RuntimeError, ValueError, ... depending on the cause
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"--ray_address {address}: could not start or reach Ray: {reason}") from None
+    task = ray.remote(num_cpus=1, max_retries=0)(run_command)
+    # A cluster has its own CPU count; only an explicit --max_parallel bounds the runs in flight.
+    limit = max_parallel if (parallel_given or address == "local") else len(runs)
+    pending = list(runs)
+    in_flight: dict = {}
+    done = 0
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < limit:
+                run = pending.pop(0)
+                in_flight[task.remote(run.argv, str(run.log), str(REPO_ROOT), _header(run))] = (run, time.time())
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            for ref in ready:
+                run, start = in_flight.pop(ref)
+                try:
+                    run.returncode, run.tail = ray.get(ref)
+                except Exception as exc:  # the task or its worker died
+                    reason = (str(exc).strip().splitlines() or [""])[-1]
+                    run.error = f"Ray task failed: {type(exc).__name__} {reason}".strip()
+                run.seconds = time.time() - start
+                done += 1
+                report_finished(run, done, len(runs))
+    except KeyboardInterrupt:
+        print("\nsweep: interrupted; cancelling the Ray tasks", flush=True)
+        for ref, (run, _) in in_flight.items():
+            ray.cancel(ref)
+            run.error = "cancelled (sweep interrupted)"
+        for run in pending:
+            run.error = "not started (sweep interrupted)"
+    finally:
+        ray.shutdown()
+
+
+# -- entry point -------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        sweep = plan(argv)
+        if sweep.ray_address:
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                raise ConfigError("--ray_address needs Ray, which is not installed here: pip install ray") from None
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    runs = sweep.runs
+    where = f"Ray ({sweep.ray_address})" if sweep.ray_address else "this machine"
+    print(f"sweep: {len(runs)} run(s), at most {sweep.max_parallel} at a time, on {where}; "
+          f"logs in {runs[0].log.parent}", flush=True)
+    for run in runs:
+        if (run.run_dir / "checkpoints").exists() or (run.run_dir / "metrics.csv").exists():
+            print(f"warning: {run.run_dir} already holds a run; {run.label} will fail "
+                  f"(continue it with --resume, or choose another --exp_name)", flush=True)
+    if sweep.ray_address:
+        try:
+            execute_ray(runs, sweep.ray_address, sweep.max_parallel, has_flag(argv, *SWEEP_ONLY["max_parallel"]))
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+    else:
+        LocalPool(runs, sweep.max_parallel).execute()
+    n_ok = sum(run.ok for run in runs)
+    print(f"sweep summary: {n_ok}/{len(runs)} run(s) succeeded", flush=True)
+    for run in runs:
+        print(summary_line(run), flush=True)
+    return 0 if n_ok == len(runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
