@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from algorithms.networks import Actor, Critic
+from algorithms.networks import Actor, Critic, StackedActors
 from algorithms.value_norm import ValueNorm
 from envs.base import EnvSpec
 from train.config import ConfigError
@@ -166,6 +166,10 @@ class OnPolicyMARL:
         trunk = self.actors[0].trunk
         self.hidden_shape = (trunk.recurrent_n, trunk.hidden_size)  # per agent
         self.chunk_length = config.data_chunk_length if config.use_recurrent_policy else None
+        # Separate but identically shaped feed-forward actors act in one batched pass.
+        self.stackable = (len(self.groups) > 1 and not config.use_recurrent_policy
+                          and all(a == spec.agents[0] for a in spec.agents))
+        self._stacked: StackedActors | None = None
 
     @property
     def n_critics(self) -> int:
@@ -182,6 +186,12 @@ class OnPolicyMARL:
         next hidden [E, N, recurrent_n, H] (None for feed-forward actors).
         """
         E = obs[0].shape[0]
+        if self.stackable:
+            if self._stacked is None:
+                self._stacked = StackedActors(list(self.actors))
+            a, lp = self._stacked.act(torch.stack(obs), None if avail is None else torch.stack(avail),
+                                      deterministic)
+            return list(a.unbind(0)), lp.t(), None
         actions: list[Any] = [None] * self.spec.n_agents
         log_probs = torch.empty(E, self.spec.n_agents, device=self.device)
         next_hidden = torch.empty_like(hidden) if hidden is not None else None
@@ -289,6 +299,7 @@ class OnPolicyMARL:
     def train(self, buf) -> dict[str, float]:
         """One iteration of updates on a filled ``utils.buffer.RolloutBuffer``."""
         cfg = self.config
+        self._stacked = None  # the actors change: rebuild the batched rollout forward
         values = self.denormalize(buf.values)
         final_values = self.denormalize(buf.final_values)
         truncated = buf.truncated if cfg.use_proper_time_limits else torch.zeros_like(buf.truncated)
@@ -418,6 +429,7 @@ class OnPolicyMARL:
                 "rng": self.rng.bit_generator.state, "critic_rng": self.critic_rng.bit_generator.state}
 
     def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        self._stacked = None
         self.actors.load_state_dict(state["actors"])
         self.critics.load_state_dict(state["critics"])
         self.value_norms.load_state_dict(state["value_norms"])

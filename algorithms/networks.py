@@ -113,3 +113,56 @@ class Critic(nn.Module):
         """x [L, B, in_dim] -> values [L, B] (normalised space), next hidden."""
         features, hidden = self.trunk(x, hidden, starts)
         return self.v(features).squeeze(-1), hidden
+
+
+class StackedActors:
+    """Rollout-time forward of N same-shaped feed-forward actors as one batched pass.
+
+    Separate parameters, one set of batched matmuls: weights are stacked once per update
+    (``[N, in, out]``) and every layer runs as ``baddbmm`` over the agent axis, so a step
+    costs one forward instead of N. Rebuild after the parameters change.
+    """
+
+    def __init__(self, actors: list[Actor]):
+        self.head = actors[0].head
+        self.ops: list[tuple] = []
+        with torch.no_grad():
+            for k, module in enumerate(actors[0].trunk.mlp):
+                layers = [a.trunk.mlp[k] for a in actors]
+                if isinstance(module, nn.Linear):
+                    self.ops.append(("linear", torch.stack([m.weight.t() for m in layers]),
+                                     torch.stack([m.bias for m in layers]).unsqueeze(1)))
+                elif isinstance(module, nn.LayerNorm):
+                    self.ops.append(("norm", torch.stack([m.weight for m in layers]).unsqueeze(1),
+                                     torch.stack([m.bias for m in layers]).unsqueeze(1), module.eps))
+                else:
+                    self.ops.append(("act", module))
+            heads = [a.head for a in actors]
+            if isinstance(self.head, GaussianHead):
+                self.out = (torch.stack([h.mean.weight.t() for h in heads]),
+                            torch.stack([h.mean.bias for h in heads]).unsqueeze(1))
+                self.std = torch.stack([torch.sigmoid(h.log_std / h.std_x) * h.std_y for h in heads]).unsqueeze(1)
+            else:
+                self.out = (torch.stack([h.logits.weight.t() for h in heads]),
+                            torch.stack([h.logits.bias for h in heads]).unsqueeze(1))
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor, avail: torch.Tensor | None, deterministic: bool):
+        """obs [N, B, obs_dim], avail [N, B, n_actions] -> actions [N, B, ...], log_probs [N, B]."""
+        h = obs
+        for op in self.ops:
+            if op[0] == "linear":
+                h = torch.baddbmm(op[2], h, op[1])
+            elif op[0] == "norm":
+                h = torch.addcmul(op[2], nn.functional.layer_norm(h, h.shape[-1:], eps=op[3]), op[1])
+            else:
+                h = op[1](h)
+        out = torch.baddbmm(self.out[1], h, self.out[0])
+        if isinstance(self.head, GaussianHead):
+            params = DistParams(out, self.std.expand_as(out))
+        else:
+            if avail is not None:
+                out = out.masked_fill(~avail, -1e10)
+            params = DistParams(out.log_softmax(-1), avail)
+        actions = self.head.sample(params, deterministic)
+        return actions, self.head.log_prob(params, actions)

@@ -1,0 +1,102 @@
+"""Fast paths compute the same thing as the plain ones: batched multi-agent inference
+equals one forward per agent; env worker processes equal in-process stepping."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from algorithms import make_algorithm
+from envs.base import AgentSpec, EnvSpec
+from train.config import Config
+
+
+@pytest.mark.parametrize("kind,dim", [("continuous", 3), ("discrete", 6)])
+def test_stacked_actors_match_per_agent_forward(kind, dim):
+    torch.manual_seed(0)
+    spec = EnvSpec("test", tuple(AgentSpec(11, kind, dim) for _ in range(3)), 17, 100)
+    algo = make_algorithm(Config(hidden_sizes=[32, 32]), spec, torch.device("cpu"))
+    assert algo.stackable
+    obs = [torch.randn(5, 11) for _ in range(3)]
+    avail = None
+    if kind == "discrete":
+        avail = [torch.rand(5, dim) > 0.5 for _ in range(3)]
+        for a in avail:
+            a[:, 0] = True
+    greedy, greedy_lp, _ = algo.act(obs, avail, None, None, deterministic=True)
+    algo.stackable = False
+    loop, loop_lp, _ = algo.act(obs, avail, None, None, deterministic=True)
+    for x, y in zip(greedy, loop):
+        assert torch.allclose(x.float(), y.float(), atol=1e-5)
+    assert torch.allclose(greedy_lp, loop_lp, atol=1e-5)
+    algo.stackable = True
+    sampled, sampled_lp, _ = algo.act(obs, avail, None, None)
+    for i in range(3):  # stochastic samples carry the log-prob the training path computes
+        lp, _, _ = algo.actors[i].evaluate(obs[i][None], sampled[i][None],
+                                           avail=None if avail is None else avail[i][None])
+        assert torch.allclose(lp[0], sampled_lp[:, i], atol=1e-5)
+        if avail is not None:
+            assert avail[i].gather(1, sampled[i][:, None]).all()
+
+
+def test_stacked_actors_rebuilt_after_update():
+    spec = EnvSpec("test", tuple(AgentSpec(4, "continuous", 2) for _ in range(2)), 8, 10)
+    algo = make_algorithm(Config(hidden_sizes=[8]), spec, torch.device("cpu"))
+    obs = [torch.randn(3, 4) for _ in range(2)]
+    before, _, _ = algo.act(obs, None, None, None, deterministic=True)
+    with torch.no_grad():
+        algo.actors[1].head.mean.bias.add_(1.0)
+    algo._stacked = None  # what train() and load_state_dict() do after changing parameters
+    after, _, _ = algo.act(obs, None, None, None, deterministic=True)
+    assert torch.allclose(after[0], before[0]) and torch.allclose(after[1], before[1] + 1.0, atol=1e-6)
+
+
+def test_worker_processes_match_in_process_envs():
+    from envs.registry import make_vec_env
+
+    config = Config(n_rollout_threads=4, n_env_workers=2)
+    workers = make_vec_env(config, 4, seed=3)
+    local = make_vec_env(dataclasses.replace(config, n_env_workers=1), 4, seed=3)
+    try:
+        a, b = workers.reset(3), local.reset(3)
+        assert all(np.array_equal(x, y) for x, y in zip(a.obs, b.obs))
+        rng = np.random.default_rng(0)
+        actions = [[rng.uniform(-1, 1, (4, 3)).astype(np.float32) for _ in range(2)] for _ in range(30)]
+        states = []
+        for t in range(30):
+            if t == 10:
+                snapshot = workers.get_state()
+            a, b = workers.step(actions[t]), local.step(actions[t])
+            assert np.array_equal(a.state, b.state) and np.array_equal(a.reward, b.reward)
+            assert all(np.array_equal(x, y) for x, y in zip(a.obs, b.obs))
+            states.append(a.state.copy())
+        workers.set_state(snapshot)  # restoring replays the same trajectory exactly
+        for t in range(10, 30):
+            assert np.array_equal(workers.step(actions[t]).state, states[t])
+    finally:
+        workers.close()
+        local.close()
+
+
+def test_dead_worker_is_reported_and_replaced():
+    import os
+    import signal
+    import time
+
+    from envs.base import EnvError
+    from envs.registry import make_vec_env
+
+    env = make_vec_env(Config(n_rollout_threads=4, n_env_workers=2), 4, seed=1)
+    try:
+        env.reset(1)
+        snapshot = env.get_state()
+        os.kill(env._procs[1].pid, signal.SIGKILL)
+        time.sleep(0.3)
+        actions = [np.zeros((4, 3), np.float32)] * 2
+        with pytest.raises(EnvError, match="worker 1 .*died") as info:
+            env.step(actions)
+        assert info.value.env_index == 2
+        env.set_state(snapshot)  # replaces the dead worker
+        assert np.isfinite(env.step(actions).state).all()
+    finally:
+        env.close()
