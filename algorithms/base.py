@@ -406,7 +406,7 @@ class OnPolicyMARL:
     def optimise(self, optim, module: nn.Module, loss: torch.Tensor, what: str, who: str) -> torch.Tensor:
         """zero_grad / backward / clip / step with NaN checks on the loss and the gradient."""
         if not torch.isfinite(loss):
-            raise NumericalError(f"non-finite {what} ({float(loss)}) for {who} at update {self.iteration}")
+            raise NumericalError(f"non-finite {what} ({float(loss.detach())}) for {who} at update {self.iteration}")
         optim.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)

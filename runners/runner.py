@@ -106,7 +106,6 @@ class Runner:
         counters = ckpt["counters"]
         self.iteration, self.env_steps = counters["iteration"], counters["env_steps"]
         self.wall_seconds, self.env_restarts = counters["wall_seconds"], counters["env_restarts"]
-        self.recent_episodes.extend(ckpt["recent_episodes"])
         self.last_eval = dict(ckpt["last_eval"])
 
     def _restore_point(self, point: dict[str, Any]) -> None:
@@ -120,6 +119,8 @@ class Runner:
         if point["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(point["cuda_rng"])
         np.random.set_state(point["numpy_rng"])
+        self.recent_episodes.clear()  # episodes of a discarded, partial rollout must not count
+        self.recent_episodes.extend(point["recent_episodes"])
         for name in ("actor_hidden", "critic_hidden"):
             saved, live = point["carry"][name], getattr(self, name)
             if saved is not None and live is not None:
@@ -136,14 +137,21 @@ class Runner:
                 dst.copy_(torch.from_numpy(src))
         self.active.copy_(torch.from_numpy(step.active))
 
-    def _check_finite(self, step: EnvStep) -> None:
+    def _check_finite(self, step: EnvStep, t: int) -> None:
         named = [("reward", step.reward), ("global state", step.state)]
         named += [(f"observation of agent {i}", o) for i, o in enumerate(step.obs)]
+        done = step.terminated | step.truncated
+        if done.any():  # the last state of an episode feeds the truncation bootstrap
+            named += [("final global state", step.final_state[done])]
+            named += [(f"final observation of agent {i}", o[done]) for i, o in enumerate(step.final_obs)]
         for what, array in named:
             if not np.isfinite(array).all():
                 bad = np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))[0][0]
-                raise NumericalError(f"non-finite {what} from env {bad} at env step "
-                                     f"{self.env_steps} (update {self.iteration})")
+                if what.startswith("final"):
+                    bad = np.flatnonzero(done)[bad]
+                steps = self.env_steps + (t + 1) * self.config.n_rollout_threads
+                raise NumericalError(f"non-finite {what} from env {bad} at env step {steps} "
+                                     f"(collecting for update {self.iteration + 1})")
 
     def collect(self) -> None:
         buf, algo, env, E = self.buffer, self.algo, self.env, self.config.n_rollout_threads
@@ -170,7 +178,7 @@ class Runner:
             t2 = clock()
             step = env.step(np_actions)
             t3 = clock()
-            self._check_finite(step)
+            self._check_finite(step, t)
             buf.rewards[t] = torch.from_numpy(step.reward)
             terminated = torch.from_numpy(step.terminated)
             truncated = torch.from_numpy(step.truncated)

@@ -74,6 +74,13 @@ def check_run_files(directory: Path, budget: int, n_agents: int, algo: str) -> l
             assert f"agent{i}/{key}" in header, f"agent{i}/{key}"
             assert all(r[f"agent{i}/{key}"] != "" for r in rows), f"agent{i}/{key} empty"
     assert not any(k.startswith(f"agent{n_agents}/") for k in header)  # no phantom agents
+    if algo == "hatrpo":  # a step is only taken inside the trust region
+        for row in rows:
+            for i in range(n_agents):
+                kl, accepted = float(row[f"agent{i}/kl"]), float(row[f"agent{i}/accepted"])
+                assert accepted in (0.0, 1.0)
+                assert kl < saved["kl_threshold"] or accepted == 0.0, (row["env_steps"], i, kl, accepted)
+                assert 1 <= float(row[f"agent{i}/ls_steps"]) <= saved["ls_step"]
     assert math.isfinite(float(rows[-1]["eval_return"]))  # the last iteration always evaluates
     summary = json.loads((directory / "summary.json").read_text())
     for key in ("env_steps", "eval_return_mean", "eval_return_std", "wall_seconds", "sps"):
@@ -91,14 +98,6 @@ def test_halfcheetah_2x3_every_algorithm(tmp_path, algo):
     directory = run_dir(tmp_path, algo)
     rows = check_run_files(directory, budget, n_agents=2, algo=algo)
     assert env_steps(rows) == [100, 200, 300]
-    if algo == "hatrpo":
-        threshold = yaml.safe_load((directory / "config.yaml").read_text())["kl_threshold"]
-        for row in rows:
-            for i in range(2):
-                kl, accepted = float(row[f"agent{i}/kl"]), float(row[f"agent{i}/accepted"])
-                assert accepted in (0.0, 1.0)
-                assert kl < threshold or accepted == 0.0, (row["env_steps"], i, kl, accepted)
-                assert 1 <= float(row[f"agent{i}/ls_steps"]) <= 10
 
 
 # -- heterogeneous agents ----------------------------------------------------------------------
@@ -109,7 +108,8 @@ HETEROGENEOUS = [
 
 
 @pytest.mark.parametrize("algo", ALGOS)
-@pytest.mark.parametrize("scenario,conf,extra,task,n_agents,spaces", HETEROGENEOUS, ids=["Hopper-3x1-k1", "Humanoid-9|8"])
+@pytest.mark.parametrize("scenario,conf,extra,task,n_agents,spaces", HETEROGENEOUS,
+                         ids=["Hopper-3x1-k1", "Humanoid-9|8"])
 def test_heterogeneous_agents(tmp_path, capsys, algo, scenario, conf, extra, task, n_agents, spaces):
     no_share = ["--no-share_param"] if algo in ("mappo", "ippo") else []
     rc = train(tmp_path, "--algo", algo, "--scenario", scenario, "--agent_conf", conf, *extra, *no_share,
@@ -144,22 +144,27 @@ def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith("time/")} for r in rows]
 
 
-def assert_same_rows(a: list[dict[str, str]], b: list[dict[str, str]]) -> None:
+def assert_same_rows(a: list[dict[str, str]], b: list[dict[str, str]], ignore=frozenset()) -> None:
+    """Equal up to 1e-6, except volatile columns and the (env_steps, column) pairs in ``ignore``."""
     assert env_steps(a) == env_steps(b)
     for ra, rb in zip(comparable(a), comparable(b)):
         assert ra.keys() == rb.keys()
         for key in ra:
-            if ra[key] == rb[key]:
+            if ra[key] == rb[key] or (int(ra["env_steps"]), key) in ignore:
                 continue
             assert ra[key] != "" and rb[key] != "", (ra["env_steps"], key, ra[key], rb[key])
             assert float(ra[key]) == pytest.approx(float(rb[key]), rel=1e-6, abs=1e-6), \
                 (ra["env_steps"], key, ra[key], rb[key])
 
 
-@pytest.mark.parametrize("algo", ["happo", "hatrpo"])
-def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo):
-    n = 200  # two iterations; evaluating every 2 iterations makes both runs evaluate at n and 2n
-    common = ["--algo", algo, "--eval_interval", "2", "--seed", "3"]
+@pytest.mark.parametrize("algo,eval_interval", [("happo", 2), ("hatrpo", 25)])
+def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo, eval_interval):
+    """n = two iterations. With --eval_interval 2 both runs evaluate at n and 2n and every
+    row must match; with 25 only the split run evaluates at n (its last iteration), and
+    apart from that row's eval columns nothing may differ: evaluating must not disturb
+    training (RNG streams, env states)."""
+    n = 200
+    common = ["--algo", algo, "--eval_interval", str(eval_interval), "--seed", "3"]
     assert train(tmp_path, *common, "--exp_name", "split", "--num_env_steps", str(n)) == 0
     split = run_dir(tmp_path, algo, exp="split", seed=3)
     before = read_metrics(split)
@@ -177,7 +182,10 @@ def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo):
 
     assert train(tmp_path, *common, "--exp_name", "straight", "--num_env_steps", str(2 * n)) == 0
     straight = read_metrics(run_dir(tmp_path, algo, exp="straight", seed=3))
-    assert_same_rows(after, straight)
+    ignore = set() if eval_interval == 2 else {(n, "eval_return"), (n, "eval_return_std")}
+    if ignore:
+        assert straight[1]["eval_return"] == "" and after[1]["eval_return"] != ""
+    assert_same_rows(after, straight, ignore)
 
 
 def test_eval_only_prints_json(tmp_path, capsys):
@@ -247,7 +255,9 @@ def test_wandb_offline_writes_run_directory(tmp_path):
     home = tmp_path / "home"
     env = subprocess_env(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DISABLE_GIT="true",
                          WANDB_CONFIG_DIR=str(home / "config"), WANDB_CACHE_DIR=str(home / "cache"),
-                         WANDB_DATA_DIR=str(home / "data"))
+                         WANDB_DATA_DIR=str(home / "data"),
+                         # any attempt to reach the network would fail: offline must not need it
+                         HTTP_PROXY="http://127.0.0.1:9", HTTPS_PROXY="http://127.0.0.1:9", NO_PROXY="")
     env.pop("WANDB_API_KEY", None)
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(results), "--algo", "ippo",

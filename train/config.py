@@ -229,6 +229,7 @@ def _sections(data: dict[str, Any], algo: str, path: Path) -> dict[str, Any]:
         if key in ALGORITHMS or key == "common":
             if not isinstance(value, dict):
                 raise ConfigError(f"{path}: section {key!r} must be a mapping")
+            _apply({}, value, f"{path} [{key}]")  # every section is checked, not just --algo's
         elif key not in FIELDS:
             _apply({}, {key: value}, str(path))  # raises with a hint
         else:

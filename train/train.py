@@ -13,8 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from train.config import (FIELDS, RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
-                          parse_flags, save_config)
+from utils.checkpoint import CheckpointError
+from train.config import (RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
+                          parse_flags, read_yaml, save_config)
 
 
 def run_dir_for(config: Config) -> Path:
@@ -36,17 +37,22 @@ def ensure_writable(directory: Path, flag: str) -> None:
 
 def resume_config(argv: list[str]) -> tuple[Config, dict]:
     """Config of the run being resumed, with runtime flags (steps, device, ...) applied."""
-    from utils.checkpoint import CheckpointError, load_checkpoint
+    from utils.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 
     flags = parse_flags(argv)
     run_dir = Path(flags["resume"])
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
-    try:
-        checkpoint = load_checkpoint(run_dir)
-    except CheckpointError as exc:
-        raise ConfigError(f"--resume {run_dir}: {exc}") from None
-    saved = config_from_dict(checkpoint["config"], f"{run_dir}/checkpoints")
+    checkpoint = None
+    if not checkpoint_path(run_dir).exists() and (run_dir / "config.yaml").exists():
+        # Stopped before its first checkpoint: nothing was kept, start it again from its config.
+        saved = config_from_dict(read_yaml(run_dir / "config.yaml"), f"{run_dir}/config.yaml")
+    else:
+        try:
+            checkpoint = load_checkpoint(run_dir)
+        except CheckpointError as exc:
+            raise ConfigError(f"--resume {run_dir}: {exc}") from None
+        saved = config_from_dict(checkpoint["config"], f"{run_dir}/checkpoints")
     overrides = {}
     for key, value in config_from_dict({k: v for k, v in flags.items()}, "command line").to_dict().items():
         if key not in flags:
@@ -79,12 +85,17 @@ def evaluate_only(config: Config) -> int:
     saved = dataclasses.replace(saved, **flags)
     set_threads(saved.torch_threads)
     device = resolve_device(saved.device)
+    from runners.runner import EVAL_SEED_OFFSET, env_seed
+
+    # The same evaluation seeds as the run's own evaluation at this checkpoint, so the
+    # final checkpoint of a run reproduces its last eval_return exactly.
+    seed = env_seed(saved) + EVAL_SEED_OFFSET
     env = make_vec_env(saved, n_envs=min(saved.n_eval_rollout_threads, saved.eval_episodes),
-                       seed=saved.seed * 10_007 + 2_000_003, evaluation=True)
+                       seed=seed, evaluation=True)
     algo = make_algorithm(saved, env.spec, device)
     algo.load_state_dict(checkpoint["algorithm"], weights_only=True)
     torch.manual_seed(saved.seed)
-    result = evaluate(algo, env, saved.eval_episodes, seed=saved.seed * 10_007 + 2_000_003)
+    result = evaluate(algo, env, saved.eval_episodes, seed=seed + checkpoint["counters"]["iteration"])
     result["env_steps"] = checkpoint["counters"]["env_steps"]
     env.close()
     print(json.dumps(result))
@@ -145,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except CheckpointError as exc:  # e.g. a full disk while writing the config or metrics
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -54,6 +54,9 @@ def checkpoint_path(run_dir: Path) -> Path:
 def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
     path = checkpoint_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            stale.unlink(missing_ok=True)
     buffer = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **payload}, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -1,0 +1,253 @@
+"""Command line of ``python -m train.train``: bad input exits 2 with one line on stderr
+(``error: ...``), no traceback, and touches nothing already saved; flags, ``--no-x``
+booleans, dashed aliases and YAML layering resolve as documented in train/config.py.
+
+Almost everything runs ``train.train.main`` in-process; a few cases run the real command
+to see the process's own exit status and stderr. One tiny real run (module fixture) backs
+the checks that need an existing run directory.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from train.config import CONFIG_DIR, ConfigError, load_config
+from train.train import main
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--n_rollout_threads", "2", "--episode_length", "50", "--hidden_sizes", "16,16", "--critic_epoch", "1",
+        "--eval_episodes", "1", "--n_eval_rollout_threads", "1", "--device", "cpu", "--torch_threads", "1",
+        "--no-progress", "--no-tensorboard"]
+SMALL = [*TINY, "--ppo_epoch", "1", "--num_env_steps", "100"]
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    """main(argv) in-process. Flags meant to be rejected go after TINY and a small budget
+    (later flags win), so that input wrongly accepted gives a failing test, not a full-size run."""
+    capsys.readouterr()
+    rc = main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_usage_error(rc: int, err: str, *needles: str) -> None:
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ") and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+# -- bad flags --------------------------------------------------------------------------------
+BAD_FLAGS = {
+    "unknown scenario": (["--scenario", "NoSuchBody"], ["--scenario", "NoSuchBody"]),
+    "unknown partition": (["--agent_conf", "7x7"], ["--agent_conf", "7x7"]),
+    "unknown algorithm": (["--algo", "nosuch"], ["--algo", "nosuch"]),
+    "negative budget": (["--num_env_steps", "-5"], ["--num_env_steps", "-5"]),
+    "zero budget": (["--num_env_steps", "0"], ["--num_env_steps"]),
+    "zero threads": (["--n_rollout_threads", "0"], ["--n_rollout_threads"]),
+    "non-numeric lr": (["--lr", "abc"], ["lr", "abc"]),
+    "fractional int": (["--num_env_steps", "1.5"], ["num_env_steps", "1.5"]),
+    "unknown flag": (["--learning_rate", "1"], ["--learning_rate"]),
+    "abbreviated flag": (["--num_env", "100"], ["--num_env"]),  # no argparse prefix matching
+    "missing value": (["--seed"], ["--seed"]),
+    "bad boolean value": (["--share_param", "maybe"], ["maybe"]),
+    "missing config file": (["--config", "/no/such/file.yaml"], ["/no/such/file.yaml"]),
+    "missing resume dir": (["--resume", "/no/such/dir"], ["--resume", "/no/such/dir"]),
+    "recurrent chunking": (["--use_recurrent_policy", "--episode_length", "25", "--data_chunk_length", "10"],
+                           ["--episode_length", "--data_chunk_length"]),
+    "bad device": (["--device", "tpu"], ["--device"]),
+    "unknown env family": (["--env", "nosuch"], ["--env"]),
+    "eval_only without model": (["--eval_only"], ["--model_dir"]),
+    "eval_only missing model": (["--eval_only", "--model_dir", "/no/such/run"], ["--model_dir", "/no/such/run"]),
+}
+
+
+@pytest.mark.parametrize("argv,needles", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
+def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, needles):
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*SMALL, *argv, "--results_dir", str(results)])
+    assert_usage_error(rc, err, *needles)
+    assert not results.exists()  # rejected before anything is created
+
+
+@pytest.mark.parametrize("argv", [["--scenario", "NoSuchBody"], ["--learning_rate", "1"], ["--lr", "abc"]],
+                         ids=["scenario", "unknown-flag", "lr"])
+def test_bad_flags_real_process(tmp_path, argv):
+    """The real command: status 2, exactly one stderr line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "train.train", *argv, "--results_dir", str(tmp_path / "r")],
+                          cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                          timeout=120)
+    assert_usage_error(proc.returncode, proc.stderr, argv[0].lstrip("-"))
+    assert proc.stdout == ""
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "--num_env_steps" in out and "--no-use_valuenorm" in out and "--num-env-steps" in out
+
+
+def test_unwritable_results_dir(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    rc, out, err = run_main(capsys, [*TINY, "--results_dir", str(blocker / "results"), "--num_env_steps", "100"])
+    assert_usage_error(rc, err, "--results_dir", str(blocker / "results"))
+    assert blocker.read_text() == "not a directory\n"
+
+
+# -- config files -------------------------------------------------------------------------------
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text", ["foo_bar: 3\n", "common:\n  foo_bar: 3\n", "happo:\n  foo_bar: 3\n"],
+                         ids=["flat", "common", "algo-section"])
+def test_config_unknown_key_names_file_and_key(tmp_path, capsys, text):
+    path = write(tmp_path / "user.yaml", text)
+    rc, out, err = run_main(capsys, [*SMALL, "--config", str(path), "--results_dir", str(tmp_path / "r")])
+    assert_usage_error(rc, err, str(path), "foo_bar")
+
+
+def test_config_unknown_key_hints_the_close_name(tmp_path, capsys):
+    path = write(tmp_path / "user.yaml", "common:\n  num-env-steps: 3\n")
+    rc, out, err = run_main(capsys, [*SMALL, "--config", str(path), "--results_dir", str(tmp_path / "r")])
+    assert_usage_error(rc, err, str(path), "num-env-steps", "num_env_steps")
+
+
+def test_config_unknown_key_in_another_algorithms_section(tmp_path, capsys):
+    path = write(tmp_path / "user.yaml", "mappo:\n  ppo_epochs: 3\n")  # typo, while running happo
+    # load_config, not main(): were the file accepted, main() would start a full-size run.
+    with pytest.raises(ConfigError, match="ppo_epochs"):
+        load_config(["--algo", "happo", "--config", str(path)])
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("common: [1, 2\n  x: : :\n", ["not valid YAML"]),
+    ("- 1\n- 2\n", ["mapping"]),
+    ("common: 5\n", ["common", "mapping"]),
+    ("common:\n  lr: abc\n", ["lr", "abc"]),
+    ("happo:\n  ppo_epoch: 2.5\n", ["ppo_epoch"]),
+], ids=["malformed", "top-level-list", "section-not-mapping", "bad-float", "bad-int"])
+def test_bad_config_file(tmp_path, capsys, text, needles):
+    path = write(tmp_path / "user.yaml", text)
+    rc, out, err = run_main(capsys, [*SMALL, "--config", str(path), "--results_dir", str(tmp_path / "r")])
+    assert_usage_error(rc, err, str(path), *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_layering_defaults_task_yaml_user_file_flags(tmp_path):
+    task = yaml.safe_load((CONFIG_DIR / "mamujoco" / "HalfCheetah-2x3.yaml").read_text())
+    base = load_config(["--algo", "happo"])
+    assert base.ppo_epoch == task["happo"]["ppo_epoch"] and base.clip_param == task["happo"]["clip_param"]
+    assert base.n_rollout_threads == task["common"]["n_rollout_threads"]
+    user = write(tmp_path / "user.yaml", "common:\n  ppo_epoch: 7\n  seed: 4\nhappo:\n  ppo_epoch: 9\n")
+    assert load_config(["--config", str(user)]).ppo_epoch == 9  # algo section beats common
+    assert load_config(["--config", str(user), "--algo", "hatrpo"]).ppo_epoch == 7
+    flagged = load_config(["--config", str(user), "--ppo_epoch", "3"])
+    assert flagged.ppo_epoch == 3 and flagged.seed == 4  # the flag wins, the rest of the file stays
+
+
+def test_booleans_and_dashed_aliases():
+    assert load_config([]).use_valuenorm is True
+    assert load_config(["--no-use_valuenorm"]).use_valuenorm is False
+    assert load_config(["--no-use-valuenorm"]).use_valuenorm is False
+    assert load_config(["--no-use_valuenorm", "--use_valuenorm"]).use_valuenorm is True  # last one wins
+    config = load_config(["--num-env-steps", "1234", "--n-rollout-threads", "3", "--hidden-sizes", "8,4"])
+    assert (config.num_env_steps, config.n_rollout_threads, config.hidden_sizes) == (1234, 3, [8, 4])
+    assert load_config(["--num_env_steps", "1e4"]).num_env_steps == 10_000
+
+
+@pytest.mark.parametrize("task_file", sorted(p.name for p in (CONFIG_DIR / "mamujoco").glob("*.yaml")))
+@pytest.mark.parametrize("algo", ["happo", "hatrpo", "mappo", "ippo"])
+def test_every_shipped_task_config_loads(task_file, algo):
+    scenario, conf = Path(task_file).stem.split("-")
+    config = load_config(["--scenario", scenario, "--agent_conf", conf.replace("_", "|"), "--algo", algo])
+    assert config.algo == algo and config.scenario == scenario
+
+
+# -- against an existing run -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """One tiny finished happo run, started with a dashed alias, a YAML override and a --no-x flag."""
+    pytest.importorskip("gymnasium_robotics")
+    results = tmp_path_factory.mktemp("results")
+    rc = main([*TINY, "--results_dir", str(results), "--algo", "happo", "--num-env-steps", "100",
+               "--ppo_epoch", "3", "--no-use_valuenorm"])
+    assert rc == 0
+    return results / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
+
+
+def test_flags_end_up_in_the_runs_config(finished_run):
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    task = yaml.safe_load((CONFIG_DIR / "mamujoco" / "HalfCheetah-2x3.yaml").read_text())
+    assert saved["ppo_epoch"] == 3 != task["happo"]["ppo_epoch"]  # the flag beat the task YAML
+    assert saved["clip_param"] == task["happo"]["clip_param"]  # untouched YAML values stay
+    assert saved["use_valuenorm"] is False
+    assert saved["num_env_steps"] == 100
+    assert (finished_run / "metrics.csv").read_text().splitlines()[-1].startswith("100,")
+
+
+def test_new_run_into_an_existing_run_dir_is_refused(finished_run, capsys):
+    before = snapshot(finished_run)
+    rc, out, err = run_main(capsys, [*TINY, "--results_dir", str(finished_run.parents[4]), "--algo", "happo",
+                                     "--num_env_steps", "200"])
+    assert_usage_error(rc, err, str(finished_run), "--resume")
+    assert snapshot(finished_run) == before  # old metrics.csv, checkpoint, config untouched
+
+
+def test_resume_cannot_change_what_the_run_computes(finished_run, capsys):
+    before = snapshot(finished_run)
+    rc, out, err = run_main(capsys, ["--resume", str(finished_run), "--lr", "0.1", "--num_env_steps", "200"])
+    assert_usage_error(rc, err, "--lr", "resum")
+    assert snapshot(finished_run) == before
+
+
+def test_resume_with_garbage_checkpoint(tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    garbage = os.urandom(333) + b"\x00not a checkpoint"
+    (run / "checkpoints" / "last.pt").write_bytes(garbage)
+    (run / "metrics.csv").write_text("env_steps\n100\n")
+    before = snapshot(run)
+    rc, out, err = run_main(capsys, ["--resume", str(run), "--num_env_steps", "200"])
+    assert_usage_error(rc, err, "--resume", str(run / "checkpoints" / "last.pt"))
+    assert snapshot(run) == before and (run / "checkpoints" / "last.pt").read_bytes() == garbage
+
+
+def test_resume_with_truncated_checkpoint(finished_run, tmp_path, capsys):
+    run = tmp_path / "copy"
+    (run / "checkpoints").mkdir(parents=True)
+    data = (finished_run / "checkpoints" / "last.pt").read_bytes()
+    (run / "checkpoints" / "last.pt").write_bytes(data[: len(data) // 2])
+    rc, out, err = run_main(capsys, ["--resume", str(run)])
+    assert_usage_error(rc, err, "--resume", "corrupt")
+    assert (run / "checkpoints" / "last.pt").read_bytes() == data[: len(data) // 2]
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    (tmp_path / "metrics.csv").write_text("env_steps\n")
+    rc, out, err = run_main(capsys, ["--resume", str(tmp_path)])
+    assert_usage_error(rc, err, "--resume", "no checkpoint")
+
+
+def test_garbage_checkpoint_real_process(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.pt").write_bytes(b"\x80\x04garbage" * 10)
+    proc = subprocess.run([sys.executable, "-m", "train.train", "--resume", str(tmp_path)], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
+    assert_usage_error(proc.returncode, proc.stderr, "--resume")
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"\x80\x04garbage" * 10
