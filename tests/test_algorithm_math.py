@@ -596,31 +596,43 @@ def test_hatrpo_step_rejected_restores_parameters_bitwise():
 
 
 def test_hatrpo_rejects_a_step_outside_the_kl_threshold(monkeypatch):
-    """Only the KL test can fail here (accept_ratio = -1e9, one line-search step): the proposed
-    step's KL, measured independently, exceeds the threshold and the old parameters stay."""
+    """Only the KL test can fail here (accept_ratio = -1e9, one line-search step). Over
+    several random cases, whenever the proposed step's KL (measured independently) exceeds
+    the threshold the step is rejected and the old parameters stay; otherwise, with a
+    positive improvement, it is accepted. At least one case of each kind must occur."""
     import algorithms.hatrpo as hatrpo
-    algo, buf, batch, M = _hatrpo_case(continuous_spec(2), 6, kl_threshold=5.0, ls_step=1, accept_ratio=-1e9)
-    actor = algo.actors[0]
-    before = [p.detach().clone() for p in actor.parameters()]
-    old_dist = _old_dist(actor, batch)
-    _, surrogate0, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
-    proposed = []
     real_set = hatrpo.set_flat_params
+    rejected = accepted = 0
+    for seed in range(40):
+        algo, buf, batch, M = _hatrpo_case(continuous_spec(2), seed, kl_threshold=5.0, ls_step=1,
+                                           accept_ratio=-1e9)
+        actor = algo.actors[0]
+        before = [p.detach().clone() for p in actor.parameters()]
+        old_dist = _old_dist(actor, batch)
+        _, surrogate0, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
+        proposed = []
 
-    def spy(params, flat):
-        proposed.append(flat.clone())
-        real_set(params, flat)
+        def spy(params, flat):
+            proposed.append(flat.clone())
+            real_set(params, flat)
 
-    monkeypatch.setattr(hatrpo, "set_flat_params", spy)
-    stats = algo.actor_step(0, batch, M)
-    assert stats["accepted"] == 0.0
-    assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
-    assert len(proposed) == 2  # the trial step, then the restore
-    assert torch.equal(proposed[1], flat_params(before))
-    trial = copy.deepcopy(actor)
-    set_flat_params(list(trial.parameters()), proposed[0])
-    kl, surrogate1, _ = _mean_kl_and_surrogate(trial, batch, old_dist, M)
-    assert kl >= algo.config.kl_threshold and surrogate1 > surrogate0
+        monkeypatch.setattr(hatrpo, "set_flat_params", spy)
+        stats = algo.actor_step(0, batch, M)
+        monkeypatch.setattr(hatrpo, "set_flat_params", real_set)
+        trial = copy.deepcopy(actor)
+        set_flat_params(list(trial.parameters()), proposed[0])
+        kl, surrogate1, _ = _mean_kl_and_surrogate(trial, batch, old_dist, M)
+        if kl >= algo.config.kl_threshold:
+            assert stats["accepted"] == 0.0
+            assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
+            assert len(proposed) == 2 and torch.equal(proposed[1], flat_params(before))  # trial, restore
+            rejected += 1
+        elif surrogate1 > surrogate0:
+            assert stats["accepted"] == 1.0 and len(proposed) == 1
+            accepted += 1
+        if rejected and accepted:
+            break
+    assert rejected and accepted, (rejected, accepted)
 
 
 @pytest.mark.parametrize("spec_fn,seed,overrides", [
