@@ -47,7 +47,7 @@ class HATRPO(OnPolicyMARL):
         if not torch.isfinite(grad).all():
             raise NumericalError(f"non-finite HATRPO gradient for {who} at update {self.iteration}")
         stats = {"surrogate": float(surrogate.detach()), "entropy": float(masked_mean(entropy, batch.active).detach()),
-                 "grad_norm": float(grad.norm()), "kl": 0.0, "accepted": 0.0, "ls_steps": 0.0,
+                 "grad_norm": float(grad.norm()), "kl": 0.0, "kl_max": 0.0, "accepted": 0.0, "ls_steps": 0.0,
                  "improvement": 0.0, "expected_improvement": 0.0}
         if float(grad.norm()) < 1e-10:
             return stats  # nothing to improve (e.g. every sample inactive)
@@ -70,7 +70,7 @@ class HATRPO(OnPolicyMARL):
                 stats["ls_steps"] = float(k + 1)
                 if (kl < cfg.kl_threshold and improvement > 0
                         and improvement / (expected * fraction) > cfg.accept_ratio):
-                    stats.update(kl=kl, accepted=1.0, improvement=improvement)
+                    stats.update(kl=kl, kl_max=kl, accepted=1.0, improvement=improvement)
                     return stats
             set_flat_params(params, old_params)  # no acceptable step: keep the old policy
         return stats

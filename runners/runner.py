@@ -68,6 +68,8 @@ class Runner:
         self.last_eval: dict[str, float] = {}
         self.stop_signal: int | None = None
         self.phase = collections.Counter()
+        # Per-iteration diagnostics since the last metrics row (a row summarises them all).
+        self.window_stats: dict[str, list[float]] = collections.defaultdict(list)
         if checkpoint is None:
             self._take_step(self.env.reset(env_seed(config)))
         else:
@@ -94,6 +96,7 @@ class Runner:
                          "env_restarts": self.env_restarts},
             "recent_episodes": list(self.recent_episodes),
             "last_eval": dict(self.last_eval),
+            "window_stats": {k: list(v) for k, v in self.window_stats.items()},
         }
 
     def save(self, point: dict[str, Any]) -> Path:
@@ -107,6 +110,7 @@ class Runner:
         self.iteration, self.env_steps = counters["iteration"], counters["env_steps"]
         self.wall_seconds, self.env_restarts = counters["wall_seconds"], counters["env_restarts"]
         self.last_eval = dict(ckpt["last_eval"])
+        self.window_stats.update(ckpt.get("window_stats", {}))
 
     def _restore_point(self, point: dict[str, Any]) -> None:
         if point["env"] is None:  # the env cannot snapshot (SMAC): start fresh episodes
@@ -225,6 +229,16 @@ class Runner:
             stats[f"train_{metric}"] = float(np.mean([e[metric] for e in eps]))
         return stats
 
+    def _window_summary(self) -> dict[str, float]:
+        """Diagnostics of every update since the last row: keys ending in ``_max`` / ``_min``
+        keep the extreme (e.g. HATRPO's ``kl_max``: the largest KL of any accepted step),
+        the rest the mean over updates."""
+        out = {}
+        for key, values in self.window_stats.items():
+            reduce = max if key.endswith("_max") else min if key.endswith("_min") else np.mean
+            out[key] = float(reduce(values))
+        return out
+
     def _row(self, stats: dict[str, float], eval_result: dict[str, float] | None, window_sps: float) -> dict:
         row: dict[str, Any] = {"env_steps": self.env_steps, "iteration": self.iteration,
                                "wall_seconds": round(self.elapsed(), 3), "sps": round(window_sps, 1)}
@@ -277,7 +291,8 @@ class Runner:
                 t0 = time.perf_counter()
                 self.algo.iteration = self.iteration + 1
                 self.algo.set_progress(self.env_steps / cfg.num_env_steps)
-                stats = self.algo.train(self.buffer)
+                for key, value in self.algo.train(self.buffer).items():
+                    self.window_stats[key].append(value)
                 self.phase["update_s"] += time.perf_counter() - t0
                 self.iteration += 1
                 last = self.env_steps >= cfg.num_env_steps
@@ -287,7 +302,7 @@ class Runner:
                 if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
                     now = time.time()
                     window_sps = (self.env_steps - window_steps) / max(now - window_start, 1e-9)
-                    self.logger.log(self._row(stats, eval_result, window_sps))
+                    self.logger.log(self._row(self._window_summary(), eval_result, window_sps))
                     ret = self._train_episode_stats()["train_episode_return"]
                     extra = "".join(f"  {k} {v:.3g}" for k, v in (eval_result or {}).items()
                                     if k in ("eval_return", "eval_win_rate"))
@@ -295,6 +310,7 @@ class Runner:
                         self.logger.progress(self.env_steps, cfg.num_env_steps, window_sps, ret, extra)
                     window_start, window_steps = now, self.env_steps
                     self.phase.clear()
+                    self.window_stats.clear()
                 if self.iteration % cfg.save_interval == 0 or last or self.stop_signal is not None:
                     self.save(self.resume_point())
                 if self.stop_signal is not None:

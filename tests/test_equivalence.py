@@ -100,3 +100,29 @@ def test_dead_worker_is_reported_and_replaced():
         assert np.isfinite(env.step(actions).state).all()
     finally:
         env.close()
+
+
+def test_metrics_row_summarises_every_update_of_its_window(tmp_path):
+    """A row logged every 2 updates equals the per-update rows reduced: means for most
+    diagnostics, the extreme for *_max / *_min (HATRPO's kl_max bounds every accepted step)."""
+    import csv
+
+    from train.train import main
+
+    tiny = ["--algo", "hatrpo", "--n_rollout_threads", "2", "--episode_length", "50", "--hidden_sizes", "16",
+            "--critic_epoch", "1", "--num_env_steps", "400", "--no-use_eval", "--no-tensorboard", "--no-progress"]
+    rows = {}
+    for interval in ("1", "2"):
+        assert main([*tiny, "--log_interval", interval, "--results_dir", str(tmp_path / interval)]) == 0
+        path = tmp_path / interval / "mamujoco" / "HalfCheetah-2x3" / "hatrpo" / "default" / "seed-1" / "metrics.csv"
+        rows[interval] = list(csv.DictReader(open(path)))
+    every, pairs = rows["1"], rows["2"]
+    assert [r["env_steps"] for r in pairs] == ["200", "400"]
+    for k, row in enumerate(pairs):
+        window = every[2 * k: 2 * k + 2]
+        for key in ("agent0/kl_max", "agent1/M_max"):
+            assert float(row[key]) == pytest.approx(max(float(r[key]) for r in window), rel=1e-5)
+        assert float(row["agent1/M_min"]) == pytest.approx(min(float(r["agent1/M_min"]) for r in window), rel=1e-5)
+        for key in ("agent0/kl", "agent0/accepted", "critic/value_loss"):
+            assert float(row[key]) == pytest.approx(np.mean([float(r[key]) for r in window]), rel=1e-5, abs=1e-9)
+        assert float(row["agent0/kl_max"]) < 0.01
