@@ -130,3 +130,47 @@ class VecEnv(ABC):
 
     def close(self) -> None:
         pass
+
+
+class StepBuffers:
+    """The preallocated arrays behind every ``EnvStep`` of ``n_envs`` copies of a task.
+
+    Adapters write into these in place and hand out ``step()`` (views, no copies). Where
+    all agents share one observation (action) size, ``obs_block`` / ``final_obs_block`` /
+    ``avail_block`` are single ``[N, E, ...]`` arrays whose rows are the per-agent views,
+    so a batched simulator can fill them with one copy; otherwise they are None.
+    """
+
+    def __init__(self, spec: EnvSpec, n_envs: int):
+        E, N = n_envs, spec.n_agents
+
+        def per_agent(dims: list[int], dtype):
+            if len(set(dims)) == 1:
+                block = np.zeros((N, E, dims[0]), dtype)
+                return block, list(block)
+            return None, [np.zeros((E, d), dtype) for d in dims]
+
+        obs_dims = [a.obs_dim for a in spec.agents]
+        self.obs_block, self.obs = per_agent(obs_dims, np.float32)
+        self.final_obs_block, self.final_obs = per_agent(obs_dims, np.float32)
+        self.avail_block, self.avail = None, None
+        if spec.discrete:
+            self.avail_block, self.avail = per_agent([a.action_dim for a in spec.agents], np.bool_)
+        self.state = np.zeros((E, spec.state_dim), np.float32)
+        self.final_state = np.zeros((E, spec.state_dim), np.float32)
+        self.reward = np.zeros(E, np.float32)
+        self.terminated = np.zeros(E, bool)
+        self.truncated = np.zeros(E, bool)
+        self.active = np.ones((E, N), bool)
+
+    def clear_flags(self) -> None:
+        """After a reset / restore: no reward, no episode ended."""
+        self.reward[:] = 0
+        self.terminated[:] = False
+        self.truncated[:] = False
+
+    def step(self, completed: list[dict[str, Any]] | None = None) -> EnvStep:
+        return EnvStep(obs=self.obs, state=self.state, avail_actions=self.avail, reward=self.reward,
+                       terminated=self.terminated, truncated=self.truncated, active=self.active,
+                       final_state=self.final_state, final_obs=self.final_obs, completed=completed or [])
+

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, VecEnv
+from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
 from train.config import ConfigError
 
 SCENARIOS = ("Ant", "HalfCheetah", "Hopper", "HumanoidStandup", "Humanoid", "Reacher", "Swimmer",
@@ -113,14 +113,7 @@ class MaMuJoCoVecEnv(VecEnv):
             state_dim=state_dim, episode_limit=self.max_steps)
         # Buffers reused every step (EnvStep arrays are views of these).
         E = n_envs
-        self._state = np.zeros((E, state_dim), np.float64)
-        self._final_state = np.zeros((E, state_dim), np.float64)
-        self._obs = [np.zeros((E, d), np.float32) for d in obs_dims]
-        self._final_obs = [np.zeros((E, d), np.float32) for d in obs_dims]
-        self._reward = np.zeros(E, np.float32)
-        self._terminated = np.zeros(E, bool)
-        self._truncated = np.zeros(E, bool)
-        self._active = np.ones((E, len(agents)), bool)
+        self._buf = StepBuffers(self.spec, E)  # EnvStep arrays (views)
         self._joint_action = np.zeros((E, len(self._act_perm)), np.float64)
         self._global_action = np.zeros((E, len(self._act_perm)), np.float64)
         self._elapsed = np.zeros(E, np.int64)
@@ -164,10 +157,7 @@ class MaMuJoCoVecEnv(VecEnv):
                 buf[k] = local[agent]
 
     def _env_step(self) -> EnvStep:
-        return EnvStep(obs=self._obs, state=self._state.astype(np.float32), avail_actions=None,
-                       reward=self._reward, terminated=self._terminated, truncated=self._truncated,
-                       active=self._active, final_state=self._final_state.astype(np.float32),
-                       final_obs=self._final_obs, completed=[])
+        return self._buf.step()
 
     # -- VecEnv --------------------------------------------------------------------------
     def _env_seed(self, k: int) -> int:
@@ -177,13 +167,11 @@ class MaMuJoCoVecEnv(VecEnv):
         if seed is not None:
             self._seed = int(seed)
         for k, env in enumerate(self._raw):
-            self._state[k] = env.reset(seed=self._env_seed(k))[0]
+            self._buf.state[k] = env.reset(seed=self._env_seed(k))[0]
         self._elapsed[:] = 0
         self._episode_return[:] = 0
-        self._reward[:] = 0
-        self._terminated[:] = False
-        self._truncated[:] = False
-        self._fill_obs(self._state, self._obs)
+        self._buf.clear_flags()
+        self._fill_obs(self._buf.state, self._buf.obs)
         return self._env_step()
 
     def step(self, actions: list[np.ndarray]) -> EnvStep:
@@ -201,25 +189,25 @@ class MaMuJoCoVecEnv(VecEnv):
             self._elapsed[k] += 1
             self._episode_return[k] += reward
             truncated = (not terminated) and self._elapsed[k] >= self.max_steps
-            self._reward[k] = reward
-            self._terminated[k] = terminated
-            self._truncated[k] = truncated
+            self._buf.reward[k] = reward
+            self._buf.terminated[k] = terminated
+            self._buf.truncated[k] = truncated
             if terminated or truncated:
-                self._final_state[k] = state
+                self._buf.final_state[k] = state
                 if self._fast_obs:
                     pass  # filled below from _final_state in one gather
                 else:
                     slow_final.append(k)
-                    self._fill_obs(None, self._final_obs, rows=[k])
+                    self._fill_obs(None, self._buf.final_obs, rows=[k])
                 completed.append({"env": k, "return": float(self._episode_return[k]),
                                   "length": int(self._elapsed[k])})
                 self._elapsed[k] = 0
                 self._episode_return[k] = 0.0
                 state = env.reset()[0]
-            self._state[k] = state
+            self._buf.state[k] = state
         if completed and self._fast_obs:
-            self._fill_obs(self._final_state, self._final_obs, rows=[c["env"] for c in completed])
-        self._fill_obs(self._state, self._obs)
+            self._fill_obs(self._buf.final_state, self._buf.final_obs, rows=[c["env"] for c in completed])
+        self._fill_obs(self._buf.state, self._buf.obs)
         out = self._env_step()
         out.completed = completed
         return out
@@ -236,7 +224,7 @@ class MaMuJoCoVecEnv(VecEnv):
         return {"physics": physics, "rng": [env.np_random.bit_generator.state for env in self._raw],
                 "elapsed": self._elapsed.copy(), "episode_return": self._episode_return.copy(),
                 "restarts": self._restarts.copy(), "seed": self._seed,
-                "state": self._state.copy(), "obs": [o.copy() for o in self._obs]}
+                "state": self._buf.state.copy(), "obs": [o.copy() for o in self._buf.obs]}
 
     def set_state(self, snapshot: dict[str, Any]) -> EnvStep:
         import mujoco
@@ -252,12 +240,10 @@ class MaMuJoCoVecEnv(VecEnv):
         self._elapsed[:] = snapshot["elapsed"]
         self._episode_return[:] = snapshot["episode_return"]
         self._restarts[:] = snapshot["restarts"]
-        self._state[:] = snapshot["state"]
-        for buf, saved in zip(self._obs, snapshot["obs"]):
+        self._buf.state[:] = snapshot["state"]
+        for buf, saved in zip(self._buf.obs, snapshot["obs"]):
             buf[:] = saved
-        self._reward[:] = 0
-        self._terminated[:] = False
-        self._truncated[:] = False
+        self._buf.clear_flags()
         return self._env_step()
 
     def restart(self, env_index: int) -> None:
@@ -271,10 +257,10 @@ class MaMuJoCoVecEnv(VecEnv):
             self._ma_envs[k] = self._make()
         self._raw[k] = self._ma_envs[k].single_agent_env.unwrapped
         self._restarts[k] += 1
-        self._state[k] = self._raw[k].reset(seed=self._env_seed(k))[0]
+        self._buf.state[k] = self._raw[k].reset(seed=self._env_seed(k))[0]
         self._elapsed[k] = 0
         self._episode_return[k] = 0
-        self._fill_obs(self._state, self._obs)
+        self._fill_obs(self._buf.state, self._buf.obs)
 
     def render(self, env_index: int = 0) -> np.ndarray:
         # Straight to the MuJoCo env: its wrappers never saw our (unwrapped) resets.

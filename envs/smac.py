@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, VecEnv
+from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
 from train.config import ConfigError
 
 
@@ -108,15 +108,7 @@ class SMACVecEnv(VecEnv):
                             state_dim=S, episode_limit=int(info["episode_limit"]),
                             episode_metrics=("win_rate",))
         E = self.n_envs
-        self._obs = np.zeros((N, E, D), np.float32)
-        self._final_obs = np.zeros((N, E, D), np.float32)
-        self._avail = np.zeros((N, E, A), bool)
-        self._state = np.zeros((E, S), np.float32)
-        self._final_state = np.zeros((E, S), np.float32)
-        self._reward = np.zeros(E, np.float32)
-        self._terminated = np.zeros(E, bool)
-        self._truncated = np.zeros(E, bool)
-        self._active = np.ones((E, N), bool)
+        self._buf = StepBuffers(self.spec, E)  # EnvStep arrays (views)
         self._actions = np.zeros((E, N), np.int64)
         self._elapsed = np.zeros(E, np.int64)
         self._episode_return = np.zeros(E, np.float64)
@@ -133,10 +125,10 @@ class SMACVecEnv(VecEnv):
         env = self._envs[k]
         obs[:, k] = np.asarray(env.get_obs(), np.float32)
         state[k] = np.asarray(env.get_state(), np.float32)
-        self._avail[:, k] = np.asarray(env.get_avail_actions(), bool)
-        avail = self._avail[:, k]
+        self._buf.avail_block[:, k] = np.asarray(env.get_avail_actions(), bool)
+        avail = self._buf.avail_block[:, k]
         # SMAC: a dead agent's only available action is the no-op (0).
-        self._active[k] = ~(avail[:, 0] & ~avail[:, 1:].any(axis=1))
+        self._buf.active[k] = ~(avail[:, 0] & ~avail[:, 1:].any(axis=1))
 
     def _call(self, k: int, what: str, fn, *args):
         try:
@@ -147,11 +139,7 @@ class SMACVecEnv(VecEnv):
                            seed=self._env_seed(k)) from exc
 
     def _env_step(self, completed=None) -> EnvStep:
-        return EnvStep(obs=list(self._obs), state=self._state, avail_actions=list(self._avail),
-                       reward=self._reward, terminated=self._terminated,
-                       truncated=self._truncated, active=self._active,
-                       final_state=self._final_state, final_obs=list(self._final_obs),
-                       completed=completed or [])
+        return self._buf.step(completed)
 
     # -- VecEnv --------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> EnvStep:
@@ -163,12 +151,10 @@ class SMACVecEnv(VecEnv):
                 self._envs[k] = self._make(k)
         for k, env in enumerate(self._envs):
             self._call(k, "reset", env.reset)
-            self._read(k, self._obs, self._state)
+            self._read(k, self._buf.obs_block, self._buf.state)
         self._elapsed[:] = 0
         self._episode_return[:] = 0
-        self._reward[:] = 0
-        self._terminated[:] = False
-        self._truncated[:] = False
+        self._buf.clear_flags()
         return self._env_step()
 
     def step(self, actions: list[np.ndarray]) -> EnvStep:
@@ -180,15 +166,15 @@ class SMACVecEnv(VecEnv):
             reward, done, info = self._call(k, "step", env.step, self._actions[k])
             self._elapsed[k] += 1
             self._episode_return[k] += reward
-            self._reward[k] = reward
+            self._buf.reward[k] = reward
             crashed = bool(done) and not info  # SMAC relaunched the game: episode cut
             truncated = bool(done) and (bool(info.get("episode_limit", False)) or crashed)
-            self._terminated[k] = bool(done) and not truncated
-            self._truncated[k] = truncated
+            self._buf.terminated[k] = bool(done) and not truncated
+            self._buf.truncated[k] = truncated
             if not done:
-                self._read(k, self._obs, self._state)
+                self._read(k, self._buf.obs_block, self._buf.state)
                 continue
-            self._read(k, self._final_obs, self._final_state)
+            self._read(k, self._buf.final_obs_block, self._buf.final_state)
             if crashed:
                 self.game_restarts += 1
             else:
@@ -198,7 +184,7 @@ class SMACVecEnv(VecEnv):
             self._elapsed[k] = 0
             self._episode_return[k] = 0.0
             self._call(k, "reset", env.reset)
-            self._read(k, self._obs, self._state)
+            self._read(k, self._buf.obs_block, self._buf.state)
         return self._env_step(completed)
 
     def get_state(self) -> None:
@@ -218,7 +204,7 @@ class SMACVecEnv(VecEnv):
         self._restarts[k] += 1
         self._envs[k] = self._make(k)
         self._call(k, "reset", self._envs[k].reset)
-        self._read(k, self._obs, self._state)
+        self._read(k, self._buf.obs_block, self._buf.state)
         self._elapsed[k] = 0
         self._episode_return[k] = 0.0
 

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, VecEnv
+from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
 from train.config import ConfigError
 
 # SMAX scenarios in jaxmarl 0.2.0 (``MAP_NAME_TO_SCENARIO``); listed here so that checking
@@ -150,15 +150,7 @@ class SMAXVecEnv(VecEnv):
         self._leaf_shapes = [(s.shape, s.dtype) for s in jax.tree.leaves(state_shapes)]
 
         E, N, D, S, A = self.n_envs, self.n_allies, obs_dim, state_dim, n_actions
-        self._obs_buf = np.zeros((N, E, D), np.float32)
-        self._final_obs_buf = np.zeros((N, E, D), np.float32)
-        self._avail_buf = np.zeros((N, E, A), bool)
-        self._state = np.zeros((E, S), np.float32)
-        self._final_state = np.zeros((E, S), np.float32)
-        self._reward = np.zeros(E, np.float32)
-        self._terminated = np.zeros(E, bool)
-        self._truncated = np.zeros(E, bool)
-        self._active = np.ones((E, N), bool)
+        self._buf = StepBuffers(self.spec, self.n_envs)  # EnvStep arrays (views)
         self._won = np.zeros(E, bool)
         self._actions = np.zeros((E, N), np.int32)
         self._elapsed = np.zeros(E, np.int64)
@@ -232,36 +224,30 @@ class SMAXVecEnv(VecEnv):
 
     def _copy_out(self, out: dict) -> None:
         out = self._jax.device_get(out)
-        np.copyto(self._obs_buf, out["obs"])
-        np.copyto(self._avail_buf, out["avail"])
-        np.copyto(self._state, out["state"])
-        np.copyto(self._active, out["active"])
+        np.copyto(self._buf.obs_block, out["obs"])
+        np.copyto(self._buf.avail_block, out["avail"])
+        np.copyto(self._buf.state, out["state"])
+        np.copyto(self._buf.active, out["active"])
         if "reward" in out:
-            np.copyto(self._reward, out["reward"])
-            np.copyto(self._terminated, out["terminated"])
-            np.copyto(self._truncated, out["truncated"])
+            np.copyto(self._buf.reward, out["reward"])
+            np.copyto(self._buf.terminated, out["terminated"])
+            np.copyto(self._buf.truncated, out["truncated"])
             np.copyto(self._won, out["won"])
-            np.copyto(self._final_obs_buf, out["final_obs"])
-            np.copyto(self._final_state, out["final_state"])
+            np.copyto(self._buf.final_obs_block, out["final_obs"])
+            np.copyto(self._buf.final_state, out["final_state"])
         else:
-            self._reward[:] = 0
-            self._terminated[:] = False
-            self._truncated[:] = False
+            self._buf.clear_flags()
 
     def _env_step(self, completed=None) -> EnvStep:
-        return EnvStep(obs=list(self._obs_buf), state=self._state,
-                       avail_actions=list(self._avail_buf), reward=self._reward,
-                       terminated=self._terminated, truncated=self._truncated,
-                       active=self._active, final_state=self._final_state,
-                       final_obs=list(self._final_obs_buf), completed=completed or [])
+        return self._buf.step(completed)
 
     def reset(self, seed: int | None = None) -> EnvStep:
         if seed is not None:
             self._seed = int(seed)
         self._keys, self._env_state, out = self._reset_fn(self._initial_keys(self._seed))
         self._copy_out(out)
-        self._final_obs_buf[:] = 0
-        self._final_state[:] = 0
+        self._buf.final_obs_block[:] = 0
+        self._buf.final_state[:] = 0
         self._elapsed[:] = 0
         self._episode_return[:] = 0
         return self._env_step()
@@ -284,9 +270,9 @@ class SMAXVecEnv(VecEnv):
         except Exception as exc:  # JAX runtime failure: all copies share one call
             raise EnvError(f"SMAX {self.map_name} step failed: {type(exc).__name__}: {exc}") from exc
         self._elapsed += 1
-        self._episode_return += self._reward
+        self._episode_return += self._buf.reward
         completed = []
-        for k in np.flatnonzero(self._terminated | self._truncated):
+        for k in np.flatnonzero(self._buf.terminated | self._buf.truncated):
             completed.append({"env": int(k), "return": float(self._episode_return[k]),
                               "length": int(self._elapsed[k]),
                               "win_rate": 1.0 if self._won[k] else 0.0})
@@ -301,8 +287,8 @@ class SMAXVecEnv(VecEnv):
         return {"family": "smax", "map_name": self.map_name, "n_envs": self.n_envs,
                 "seed": self._seed, "keys": np.array(self._keys), "env_state": leaves,
                 "elapsed": self._elapsed.copy(), "episode_return": self._episode_return.copy(),
-                "obs": self._obs_buf.copy(), "state": self._state.copy(),
-                "avail": self._avail_buf.copy(), "active": self._active.copy()}
+                "obs": self._buf.obs_block.copy(), "state": self._buf.state.copy(),
+                "avail": self._buf.avail_block.copy(), "active": self._buf.active.copy()}
 
     def set_state(self, snapshot: dict[str, Any]) -> EnvStep:
         jnp = self._jnp
@@ -318,13 +304,11 @@ class SMAXVecEnv(VecEnv):
         self._seed = int(snapshot["seed"])
         self._elapsed[:] = snapshot["elapsed"]
         self._episode_return[:] = snapshot["episode_return"]
-        self._obs_buf[:] = snapshot["obs"]
-        self._state[:] = snapshot["state"]
-        self._avail_buf[:] = snapshot["avail"]
-        self._active[:] = snapshot["active"]
-        self._reward[:] = 0
-        self._terminated[:] = False
-        self._truncated[:] = False
+        self._buf.obs_block[:] = snapshot["obs"]
+        self._buf.state[:] = snapshot["state"]
+        self._buf.avail_block[:] = snapshot["avail"]
+        self._buf.active[:] = snapshot["active"]
+        self._buf.clear_flags()
         return self._env_step()
 
     # -- rendering ---------------------------------------------------------------------------
