@@ -574,9 +574,6 @@ def test_same_seed_same_metrics_other_seed_other_metrics_resume_exact(saves, cap
 
 
 
-@pytest.mark.skipif(os.environ.get("FAULTS_SMAX") != "1", reason=(
-    "opt-in (FAULTS_SMAX=1): SMAX jit-compiles every env instance, 20-40 s per run on 2 shared cores, "
-    "which does not fit this file's 120 s budget"))
 def test_smax_resume_from_a_mid_run_checkpoint_is_exact(saves, capsys, tmp_path):
     pytest.importorskip("jaxmarl")
     flags = ["--env", "smax", "--map_name", "3m", "--n_rollout_threads", "4", "--episode_length", "20",

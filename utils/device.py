@@ -36,13 +36,22 @@ def tune_allocator() -> None:
 
 
 def set_threads(requested: int) -> int:
-    """Use ``requested`` intra-op threads, or 1 when 0 ("auto").
+    """Use ``requested`` intra-op threads, or, when 0 ("auto"), the cores this process may
+    run on, at most 4.
 
-    Measured on the 2-core machine (docs/performance.md): the networks here are small
-    (batches of a few thousand rows, 128-wide layers), so extra intra-op threads mostly
-    add synchronisation, and the environments want the other core.
+    Measured on the 2-core machine (docs/performance.md, HAPPO HalfCheetah 2x3 bench):
+    2 threads with the critic trained after the actors gave 5,283 env-steps/s, 1 thread
+    4,701 (3,763 without the concurrent critic thread), and 2 threads *plus* the critic
+    thread 3,940 (the thread pools contend). Environments never step during an update
+    here, so the update may use every core; beyond 4 these small networks gain little.
     """
-    threads = requested if requested > 0 else 1
+    if requested > 0:
+        threads = requested
+    else:
+        try:
+            threads = min(len(os.sched_getaffinity(0)), 4)
+        except AttributeError:  # not Linux
+            threads = min(os.cpu_count() or 1, 4)
     tune_allocator()
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
