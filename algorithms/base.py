@@ -161,7 +161,9 @@ class OnPolicyMARL:
         # The critic trains on its own thread, concurrently with the actors (its data does
         # not depend on their updates), with its own RNG so results stay deterministic.
         self.critic_rng = np.random.default_rng(config.seed + 1)
-        self._critic_pool = ThreadPoolExecutor(1) if config.parallel_critic else None
+        # With one intra-op thread the second core is idle during the actor updates: use it.
+        concurrent = config.parallel_critic or torch.get_num_threads() == 1
+        self._critic_pool = ThreadPoolExecutor(1) if concurrent else None
         self.iteration = 0  # set by the runner; names the update in error messages
         trunk = self.actors[0].trunk
         self.hidden_shape = (trunk.recurrent_n, trunk.hidden_size)  # per agent
@@ -179,7 +181,9 @@ class OnPolicyMARL:
     @torch.no_grad()
     def act(self, obs: list[torch.Tensor], avail: list[torch.Tensor] | None,
             hidden: torch.Tensor | None, starts: torch.Tensor | None, deterministic: bool = False):
-        """One batched forward per actor.
+        """Actions for one rollout step: one batched forward for all agents where their
+        shapes allow (``StackedActors``), else one per actor (a shared actor takes all its
+        agents in one batch).
 
         obs[i] [E, obs_dim_i]; avail[i] [E, n_actions_i]; hidden [E, N, recurrent_n, H];
         starts [E] bool. Returns actions (list, [E, act_dim_i] or [E]), log_probs [E, N],

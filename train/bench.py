@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def peak_rss_mb() -> float:
@@ -113,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
               "sps": round(steady_steps / steady_seconds, 1), "env_only_sps": round(env_only_sps, 1),
               "seconds": {k: round(v, 3) for k, v in phases.items()},
               "sps_with_startup": round(total / train_seconds, 1), "train_seconds": round(train_seconds, 3),
-              "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+              "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+              "torch_threads": torch.get_num_threads()}
     print(json.dumps(result))
     return 0
 

@@ -34,7 +34,7 @@ class Config:
     results_dir: str = "results"
     config: str = ""  # extra YAML file (common:/<algo>: sections or flat keys)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    torch_threads: int = 0  # 0 = auto: the available cores, at most 4 (utils/device.py)
+    torch_threads: int = 0  # 0 = auto: the cores left free at start-up, 1..4 (utils/device.py)
     resume: str = ""  # run directory to continue from its last checkpoint
     eval_only: bool = False  # evaluate --model_dir and exit, no training
     model_dir: str = ""  # run directory or checkpoint file for --eval_only
@@ -85,8 +85,8 @@ class Config:
     use_value_active_masks: bool = True  # dead agents out of per-agent critic losses
     fixed_order: bool = False  # ablation: update agents in index order, not shuffled
     share_param: bool = False  # one actor for all agents (MAPPO default)
-    parallel_critic: bool = False  # train the critic on its own thread while the actors update
-    # (helps with --torch_threads 1: 1.25x on the 2-core bench; with 2+ threads it contends)
+    parallel_critic: bool = False  # also train the critic on its own thread with 2+ torch threads
+    # (with 1 torch thread it always does: 1.25x on the 2-core bench; with 2+ they contend)
 
     # --- HATRPO -------------------------------------------------------------------------
     kl_threshold: float = 0.01

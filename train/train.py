@@ -144,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
 
-        set_threads(config.torch_threads)
+        threads = set_threads(config.torch_threads)
         device = resolve_device(config.device)
         runner = Runner(config, run_dir, device, checkpoint)
         if checkpoint is None:
             save_config(config, run_dir / "config.yaml")
         print(f"{config.algo} on {runner.spec.name}: {runner.spec.n_agents} agents, obs "
               f"{[a.obs_dim for a in runner.spec.agents]}, actions {[a.action_dim for a in runner.spec.agents]}; "
-              f"device {device}; run dir {run_dir}", flush=True)
+              f"device {device}, {threads} torch thread(s); run dir {run_dir}", flush=True)
         return runner.run()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

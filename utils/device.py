@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -35,23 +36,45 @@ def tune_allocator() -> None:
         pass
 
 
-def set_threads(requested: int) -> int:
-    """Use ``requested`` intra-op threads, or, when 0 ("auto"), the cores this process may
-    run on, at most 4.
+def _idle_cores(cores: int, interval: float = 0.2) -> float:
+    """How many of ``cores`` sat idle over ``interval`` seconds (Linux /proc/stat);
+    ``cores`` where that cannot be read."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as fh:
+            values = [int(v) for v in fh.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total (all CPUs)
 
-    Measured on the 2-core machine (docs/performance.md, HAPPO HalfCheetah 2x3 bench):
-    2 threads with the critic trained after the actors gave 5,283 env-steps/s, 1 thread
-    4,701 (3,763 without the concurrent critic thread), and 2 threads *plus* the critic
-    thread 3,940 (the thread pools contend). Environments never step during an update
-    here, so the update may use every core; beyond 4 these small networks gain little.
+    try:
+        idle0, total0 = sample()
+        time.sleep(interval)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return float(cores)
+    if total1 <= total0:
+        return float(cores)
+    online = os.cpu_count() or cores
+    return min(cores, online * (idle1 - idle0) / (total1 - total0))
+
+
+def set_threads(requested: int) -> int:
+    """Use ``requested`` intra-op threads, or, when 0 ("auto"), the cores left idle by
+    other processes at start-up (sampled from /proc/stat over 0.2 s), from 1 to 4.
+
+    Measured on the 2-core machine (docs/performance.md, HAPPO HalfCheetah 2x3 bench): on an
+    idle machine 2 threads gave 5,308 env-steps/s against 4,701 with 1 thread (plus the
+    concurrent critic thread); but with the other core busy, 2 threads collapsed a
+    HATRPO run to 31 env-steps/s (threads spin-waiting on a core they do not get), so a
+    busy machine gets 1 thread. Environments never step during an update here, so the
+    update may use every free core; beyond 4 these small networks gain little.
     """
     if requested > 0:
         threads = requested
     else:
         try:
-            threads = min(len(os.sched_getaffinity(0)), 4)
+            cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
-            threads = min(os.cpu_count() or 1, 4)
+            cores = os.cpu_count() or 1
+        threads = max(1, min(4, int(_idle_cores(cores) + 0.5)))
     tune_allocator()
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
