@@ -120,8 +120,9 @@ class VecEnv(ABC):
     def set_state(self, snapshot: Any) -> EnvStep:
         """Restore ``get_state()``'s snapshot; returns the current step (obs, state, masks)."""
 
-    def restart(self, env_index: int) -> None:
-        """Rebuild copy ``env_index`` after a failure (fresh episode). Optional."""
+    def restart(self, env_index: int) -> EnvStep:
+        """Rebuild copy ``env_index`` after a failure (fresh episode); returns the current
+        step of all copies. Optional."""
         raise NotImplementedError(f"{type(self).__name__} cannot restart a single environment")
 
     def render(self, env_index: int = 0) -> np.ndarray:

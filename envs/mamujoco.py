@@ -246,7 +246,7 @@ class MaMuJoCoVecEnv(VecEnv):
         self._buf.clear_flags()
         return self._env_step()
 
-    def restart(self, env_index: int) -> None:
+    def restart(self, env_index: int) -> EnvStep:
         k = env_index
         try:
             self._ma_envs[k].close()
@@ -261,6 +261,7 @@ class MaMuJoCoVecEnv(VecEnv):
         self._elapsed[k] = 0
         self._episode_return[k] = 0
         self._fill_obs(self._buf.state, self._buf.obs)
+        return self._env_step()
 
     def render(self, env_index: int = 0) -> np.ndarray:
         # Straight to the MuJoCo env: its wrappers never saw our (unwrapped) resets.

@@ -195,7 +195,7 @@ class SMACVecEnv(VecEnv):
         """Cannot restore a game: every copy starts a fresh episode instead."""
         return self.reset()
 
-    def restart(self, env_index: int) -> None:
+    def restart(self, env_index: int) -> EnvStep:
         k = env_index
         try:
             self._envs[k].close()
@@ -207,6 +207,7 @@ class SMACVecEnv(VecEnv):
         self._read(k, self._buf.obs_block, self._buf.state)
         self._elapsed[k] = 0
         self._episode_return[k] = 0.0
+        return self._env_step()
 
     def render(self, env_index: int = 0) -> np.ndarray:
         try:

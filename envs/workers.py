@@ -247,7 +247,7 @@ class WorkerVecEnv(VecEnv):
         self._broadcast("set_state", snapshot["workers"])
         return self._current()
 
-    def restart(self, env_index: int) -> None:
+    def restart(self, env_index: int) -> EnvStep:
         w = env_index // self.n_local
         if not self._procs[w].is_alive():
             self._start(w)
@@ -255,6 +255,7 @@ class WorkerVecEnv(VecEnv):
         else:
             self._conns[w].send(("restart", env_index))
         self._receive(w)
+        return self._current()
 
     def render(self, env_index: int = 0) -> np.ndarray:
         w = env_index // self.n_local

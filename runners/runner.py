@@ -276,8 +276,7 @@ class Runner:
                               f"({self.env_restarts}/{cfg.max_env_restarts}) and redoing update {self.iteration + 1}",
                               flush=True)
                         self._restore_point(point)
-                        self.env.restart(exc.env_index)
-                        self._take_step_after_restart()
+                        self._take_step(self.env.restart(exc.env_index))
                         continue
                     path = self.save(point)
                     print(f"error: {exc}; no env restarts left (--max_env_restarts {cfg.max_env_restarts}); "
@@ -332,12 +331,6 @@ class Runner:
             self.env.close()
             if self.eval_env is not None:
                 self.eval_env.close()
-
-    def _take_step_after_restart(self) -> None:
-        """After a single env was rebuilt its first observation replaces the old one."""
-        snapshot = self.env.get_state()
-        if snapshot is not None:
-            self._take_step(self.env.set_state(snapshot))
 
     def write_summary(self) -> None:
         wall = self.elapsed()

@@ -128,8 +128,8 @@ class FaultyVecEnv(VecEnv):
     def set_state(self, snapshot: Any) -> EnvStep:
         return self.inner.set_state(snapshot)
 
-    def restart(self, env_index: int) -> None:
-        self.inner.restart(env_index)
+    def restart(self, env_index: int):
+        return self.inner.restart(env_index)
 
     def render(self, env_index: int = 0) -> np.ndarray:
         return self.inner.render(env_index)
