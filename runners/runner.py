@@ -67,6 +67,7 @@ class Runner:
         self.recent_episodes: collections.deque = collections.deque(maxlen=max(E, 10))
         self.last_eval: dict[str, float] = {}
         self.stop_signal: int | None = None
+        self._session_start = time.time()  # reset when run() starts
         self.phase = collections.Counter()
         # Per-iteration diagnostics since the last metrics row (a row summarises them all).
         self.window_stats: dict[str, list[float]] = collections.defaultdict(list)
@@ -91,8 +92,7 @@ class Runner:
             "carry": {"starts": self._clone(self.starts), "actor_hidden": self._clone(self.actor_hidden),
                       "critic_hidden": self._clone(self.critic_hidden), "active": self._clone(self.active)},
             "counters": {"iteration": self.iteration, "env_steps": self.env_steps,
-                         "wall_seconds": self.wall_seconds + (time.time() - self._session_start
-                                                              if hasattr(self, "_session_start") else 0.0),
+                         "wall_seconds": self.elapsed(),
                          "env_restarts": self.env_restarts},
             "recent_episodes": list(self.recent_episodes),
             "last_eval": dict(self.last_eval),
