@@ -172,6 +172,7 @@ class OnPolicyMARL:
         self.stackable = (len(self.groups) > 1 and not config.use_recurrent_policy
                           and all(a == spec.agents[0] for a in spec.agents))
         self._stacked: StackedActors | None = None
+        self.ratio_after_step: torch.Tensor | None = None  # see train()
 
     @property
     def n_critics(self) -> int:
@@ -330,7 +331,11 @@ class OnPolicyMARL:
                 group_stats["M_min"] = float(M.min())
                 group_stats["M_max"] = float(M.max())
                 group_stats["order"] = float(position)
-                M = M * self.new_ratio(g, batch)  # detached: later agents see a constant
+                # Detached: later agents see a constant. An actor step may leave the ratio
+                # it already computed (HATRPO's accepted line-search trial) to save a pass.
+                ratio = self.ratio_after_step if self.ratio_after_step is not None else self.new_ratio(g, batch)
+                M = M * ratio.detach()
+            self.ratio_after_step = None
             for key, value in group_stats.items():
                 stats[f"{self.label(g)}/{key}"] = value
         stats.update(critic_stats.result() if self._critic_pool is not None else self.train_critics(buf, returns))

@@ -32,13 +32,15 @@ class HATRPO(OnPolicyMARL):
 
         def evaluate():
             log_probs, entropy, dist = actor.evaluate(batch.obs, batch.actions, h0, batch.starts, batch.avail)
-            surrogate = masked_mean(torch.exp(log_probs - batch.old_log_probs) * weighted_adv, batch.active)
-            return surrogate, entropy, dist
+            ratio = torch.exp(log_probs - batch.old_log_probs)
+            return masked_mean(ratio * weighted_adv, batch.active), entropy, dist, ratio
 
         def mean_kl(old_dist, new_dist):
             return masked_mean(actor.head.kl(old_dist, new_dist), batch.active)
 
-        surrogate, entropy, dist = evaluate()
+        # Until a step is accepted the policy is unchanged: its ratio for M is exactly 1.
+        self.ratio_after_step = torch.ones_like(batch.old_log_probs)
+        surrogate, entropy, dist, _ = evaluate()
         old_dist = type(dist)(*(None if t is None else t.detach() for t in dist))
         who = self.label(g)
         if not torch.isfinite(surrogate):
@@ -64,13 +66,15 @@ class HATRPO(OnPolicyMARL):
             for k in range(cfg.ls_step):
                 fraction = cfg.backtrack_coeff ** k
                 set_flat_params(params, old_params + fraction * full_step)
-                new_surrogate, _, new_dist = evaluate()
+                new_surrogate, _, new_dist, new_ratio = evaluate()
                 kl = float(mean_kl(old_dist, new_dist))
                 improvement = float(new_surrogate - surrogate)
                 stats["ls_steps"] = float(k + 1)
                 if (kl < cfg.kl_threshold and improvement > 0
                         and improvement / (expected * fraction) > cfg.accept_ratio):
                     stats.update(kl=kl, kl_max=kl, accepted=1.0, improvement=improvement)
+                    # The accepted trial's forward pass already gives M's next factor.
+                    self.ratio_after_step = torch.where(batch.active, new_ratio, torch.ones_like(new_ratio))
                     return stats
             set_flat_params(params, old_params)  # no acceptable step: keep the old policy
         return stats

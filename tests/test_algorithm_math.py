@@ -477,6 +477,26 @@ def test_m_factor_is_product_of_previous_ratios():
     assert abs(stats["agent2/M_mean"] - float((ratios[0] * ratios[1]).mean())) < 1e-5
 
 
+def test_hatrpo_m_factor_uses_the_accepted_step_ratio():
+    """HATRPO takes M's next factor from its accepted line-search trial (no extra forward
+    pass): it must equal the ratio recomputed independently, and exactly 1 when rejected."""
+    algo = build(HATRPO, continuous_spec(3), fixed_order=True, kl_threshold=0.05)
+    buf = fill_buffer(algo, 6, 4, seed=7, p_inactive=0.2)
+    calls = record_actor_steps(algo, HATRPO.actor_step)
+    stats = algo.train(buf)
+    factors = []
+    for i in range(3):
+        if stats[f"agent{i}/accepted"]:
+            factors.append(independent_ratio(algo, buf, i))
+        else:
+            factors.append(torch.ones(6, 4))
+    assert any(stats[f"agent{i}/accepted"] for i in range(2))
+    assert torch.equal(calls[0]["M"], torch.ones(6, 4))
+    assert torch.allclose(calls[1]["M"], factors[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(calls[2]["M"], factors[0] * factors[1], rtol=1e-5, atol=1e-6)
+    assert algo.ratio_after_step is None
+
+
 def test_m_factor_follows_random_order():
     algo = build(HAPPO, continuous_spec(3), fixed_order=False, ppo_epoch=2, lr=1e-2, seed=11)
     buf = fill_buffer(algo, 5, 3, seed=8)
