@@ -8,6 +8,28 @@ import torch
 
 from envs.base import VecEnv
 
+EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
+
+
+def env_seed(config) -> int:
+    """Base seed of a run's training envs (copy k adds k)."""
+    return int(config.seed) * 10_007
+
+
+def eval_seed(config, iteration: int = 0) -> int:
+    """Seed of the evaluation envs at ``iteration``: the training run, ``--eval_only`` and
+    ``render`` of the same checkpoint all evaluate on the same episodes."""
+    return env_seed(config) + EVAL_SEED_OFFSET + int(iteration)
+
+
+def policy_from_checkpoint(checkpoint: dict, config, spec, device):
+    """The algorithm of ``config`` with a checkpoint's weights (no optimiser state)."""
+    from algorithms import make_algorithm
+
+    algo = make_algorithm(config, spec, device)
+    algo.load_state_dict(checkpoint["algorithm"], weights_only=True)
+    return algo
+
 
 def to_torch(step, device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     obs = [torch.as_tensor(o, device=device) for o in step.obs]

@@ -23,20 +23,15 @@ from algorithms import make_algorithm
 from algorithms.base import NumericalError
 from envs.base import EnvError, EnvStep
 from envs.registry import make_vec_env, task_name
-from runners.evaluate import evaluate
+from runners.evaluate import env_seed, eval_seed, evaluate
 from utils.buffer import RolloutBuffer
 from utils.checkpoint import CheckpointError, atomic_write_bytes, save_checkpoint
 from utils.logger import MetricsLogger
 
-EVAL_SEED_OFFSET = 1_000_003  # eval envs never share seeds with training envs
 
 
 class Interrupted(Exception):
     pass
-
-
-def env_seed(config) -> int:
-    return int(config.seed) * 10_007
 
 
 class Runner:
@@ -215,9 +210,9 @@ class Runner:
         if self.eval_env is None:
             self.eval_env = make_vec_env(self.config, n_envs=min(self.config.n_eval_rollout_threads,
                                                                  self.config.eval_episodes),
-                                         seed=env_seed(self.config) + EVAL_SEED_OFFSET, evaluation=True)
+                                         seed=eval_seed(self.config), evaluation=True)
         return evaluate(self.algo, self.eval_env, self.config.eval_episodes,
-                        seed=env_seed(self.config) + EVAL_SEED_OFFSET + self.iteration)
+                        seed=eval_seed(self.config, self.iteration))
 
     def _train_episode_stats(self) -> dict[str, float]:
         if not self.recent_episodes:

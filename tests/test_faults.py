@@ -38,6 +38,7 @@ pytest.importorskip("gymnasium_robotics")
 pytest.importorskip("mujoco")
 
 import envs.registry  # noqa: E402
+from train.chaos import file_id  # (inode, mtime) of a file, None if absent
 import runners.runner  # noqa: E402
 import utils.checkpoint  # noqa: E402
 from tests import faulty_env  # noqa: E402
@@ -242,14 +243,6 @@ def spawn():
         if child.proc.poll() is None:
             child.proc.kill()
             child.proc.wait()
-
-
-def file_id(path: Path):
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        return None
-    return st.st_ino, st.st_mtime_ns
 
 
 def test_sigkill_anywhere_then_resume_matches_uninterrupted(spawn, tmp_path, tmp_path_factory):

@@ -84,7 +84,7 @@ def compare(rows: list[dict[str, str]], reference: list[dict[str, str]], config:
     }
 
 
-def _file_id(path: Path):
+def file_id(path: Path):
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -206,11 +206,11 @@ def main(argv: list[str] | None = None) -> int:
         starts += 1
         args = ([*flags, "--results_dir", str(chaos_dir / "killed")] if starts == 1
                 else ["--resume", str(run_dir), "--no-progress"])
-        before = _file_id(last)
+        before = file_id(last)
         child = Child(args, chaos_dir / f"killed-{starts}.log")
         try:
             if kills < opts.kills:
-                while _file_id(last) == before and child.proc.poll() is None:
+                while file_id(last) == before and child.proc.poll() is None:
                     time.sleep(0.01)
                 done = load_checkpoint(run_dir)["counters"]["env_steps"] if last.exists() else 0
                 remaining = max(budget - done, 0) * seconds_per_step

@@ -27,7 +27,6 @@ import numpy as np  # noqa: E402
 from train.config import ConfigError, config_from_dict  # noqa: E402
 
 FORMATS = (".mp4", ".gif")
-EVAL_SEED_OFFSET = 2_000_003  # as ``train.train --eval_only``
 
 
 class _Parser(argparse.ArgumentParser):
@@ -220,9 +219,8 @@ def default_fps(env) -> int:
 def render(argv: list[str]) -> int:
     import torch
 
-    from algorithms import make_algorithm
     from envs.registry import make_vec_env
-    from runners.evaluate import evaluate
+    from runners.evaluate import eval_seed, evaluate, policy_from_checkpoint
     from utils.checkpoint import CheckpointError, load_checkpoint
     from utils.device import resolve_device, set_threads
 
@@ -239,14 +237,14 @@ def render(argv: list[str]) -> int:
     config = config_from_dict(checkpoint["config"], f"{source} (saved config)")
     set_threads(config.torch_threads)
     device = resolve_device(args.device)
-    seed = args.seed if args.seed is not None else config.seed * 10_007 + EVAL_SEED_OFFSET
+    iteration = checkpoint.get("counters", {}).get("iteration", 0)
+    seed = args.seed if args.seed is not None else eval_seed(config, iteration)  # as --eval_only
     env = make_vec_env(config, n_envs=1, seed=seed, evaluation=True, render_mode="rgb_array")
     recorder = EpisodeRecorder(env, args.max_steps, args.episodes)
     writer = FrameWriter(out, args.fps or default_fps(env), args.width, args.height)
     ok = False
     try:
-        algo = make_algorithm(config, env.spec, device)
-        algo.load_state_dict(checkpoint["algorithm"], weights_only=True)
+        algo = policy_from_checkpoint(checkpoint, config, env.spec, device)
         torch.manual_seed(config.seed)
         try:
             result = evaluate(algo, recorder, args.episodes, seed=seed, on_frame=writer.append)

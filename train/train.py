@@ -68,9 +68,8 @@ def resume_config(argv: list[str]) -> tuple[Config, dict]:
 def evaluate_only(config: Config) -> int:
     import torch
 
-    from algorithms import make_algorithm
     from envs.registry import make_vec_env
-    from runners.evaluate import evaluate
+    from runners.evaluate import eval_seed, evaluate, policy_from_checkpoint
     from utils.checkpoint import CheckpointError, load_checkpoint
     from utils.device import resolve_device, set_threads
 
@@ -85,17 +84,14 @@ def evaluate_only(config: Config) -> int:
     saved = dataclasses.replace(saved, **flags)
     set_threads(saved.torch_threads)
     device = resolve_device(saved.device)
-    from runners.runner import EVAL_SEED_OFFSET, env_seed
-
     # The same evaluation seeds as the run's own evaluation at this checkpoint, so the
     # final checkpoint of a run reproduces its last eval_return exactly.
-    seed = env_seed(saved) + EVAL_SEED_OFFSET
+    iteration = checkpoint["counters"]["iteration"]
     env = make_vec_env(saved, n_envs=min(saved.n_eval_rollout_threads, saved.eval_episodes),
-                       seed=seed, evaluation=True)
-    algo = make_algorithm(saved, env.spec, device)
-    algo.load_state_dict(checkpoint["algorithm"], weights_only=True)
+                       seed=eval_seed(saved), evaluation=True)
+    algo = policy_from_checkpoint(checkpoint, saved, env.spec, device)
     torch.manual_seed(saved.seed)
-    result = evaluate(algo, env, saved.eval_episodes, seed=seed + checkpoint["counters"]["iteration"])
+    result = evaluate(algo, env, saved.eval_episodes, seed=eval_seed(saved, iteration))
     result["env_steps"] = checkpoint["counters"]["env_steps"]
     env.close()
     print(json.dumps(result))
