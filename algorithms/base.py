@@ -158,12 +158,19 @@ class OnPolicyMARL:
                                                weight_decay=config.weight_decay) for c in self.critics]
         self.value_norms = nn.ModuleList([ValueNorm() for _ in self.critics]).to(device)
         self.rng = np.random.default_rng(config.seed)
-        # The critic trains on its own thread, concurrently with the actors (its data does
-        # not depend on their updates), with its own RNG so results stay deterministic.
+        # The critic's update depends on neither the actors' updates nor the next rollout, so
+        # it runs on its own thread (with its own RNG, so results stay deterministic):
+        # started with the actors when the second core would otherwise idle during their
+        # updates (one intra-op thread, or --parallel_critic), else after them. A
+        # feed-forward critic is not needed during the rollout (``fill_values`` evaluates
+        # the whole rollout in one batch afterwards), so the runner lets its update overlap
+        # the next rollout's env stepping (``train(..., defer_critic=True)``).
         self.critic_rng = np.random.default_rng(config.seed + 1)
-        # With one intra-op thread the second core is idle during the actor updates: use it.
-        concurrent = config.parallel_critic or torch.get_num_threads() == 1
-        self._critic_pool = ThreadPoolExecutor(1) if concurrent else None
+        self.critic_with_actors = config.parallel_critic or torch.get_num_threads() == 1
+        self.batched_values = not config.use_recurrent_policy
+        self._critic_pool = ThreadPoolExecutor(1, thread_name_prefix="critic")
+        self._critic_job = None  # Future of the pending critic update
+        self._critic_stats: dict[str, float] = {}  # the last finished critic update's stats
         self.iteration = 0  # set by the runner; names the update in error messages
         trunk = self.actors[0].trunk
         self.hidden_shape = (trunk.recurrent_n, trunk.hidden_size)  # per agent
@@ -239,6 +246,7 @@ class OnPolicyMARL:
 
         Returns values [E, K] in the network's (normalised) scale and the next hidden.
         """
+        self.wait_for_critics()
         E = state.shape[0]
         out = torch.empty(E, self.n_critics, device=self.device)
         next_hidden = torch.empty_like(hidden) if hidden is not None else None
@@ -249,6 +257,33 @@ class OnPolicyMARL:
             if next_hidden is not None:
                 next_hidden[:, k] = h
         return out, next_hidden
+
+    @torch.no_grad()
+    def fill_values(self, buf, state: torch.Tensor, obs: list[torch.Tensor]) -> None:
+        """Feed-forward critics: write ``buf.values`` and ``buf.final_values`` for a whole
+        rollout in one batched pass per critic (the runner skipped them per step).
+
+        state [E, S] / obs[i] [E, d_i] are the observations after the last step
+        (values[T] bootstraps the rollout cut); buf.final_state / buf.final_obs hold the
+        last observations of truncated episodes.
+        """
+        self.wait_for_critics()
+        T = buf.T
+        truncated = buf.truncated
+        any_truncated = bool(truncated.any())
+        inputs = zip(self.critic_inputs(buf.state, buf.obs), self.critic_inputs(state, obs),
+                     self.critic_inputs(buf.final_state, buf.final_obs))
+        for k, (critic, (rollout, last, final)) in enumerate(zip(self.critics, inputs)):
+            buf.values[:T, :, k] = critic(rollout, None, None)[0]
+            buf.values[T, :, k] = critic(last.unsqueeze(0), None, None)[0][0]
+            if any_truncated:
+                buf.final_values[:, :, k][truncated] = critic(final[truncated].unsqueeze(0), None, None)[0][0]
+
+    def wait_for_critics(self) -> None:
+        """Join a pending critic update (re-raising its error, e.g. a NumericalError)."""
+        job, self._critic_job = self._critic_job, None
+        if job is not None:
+            self._critic_stats = job.result()
 
     def denormalize(self, values: torch.Tensor) -> torch.Tensor:
         """[..., K] network outputs -> raw return scale."""
@@ -301,8 +336,14 @@ class OnPolicyMARL:
             hidden=None if buf.actor_hidden is None else self._fold(per_agent(buf.actor_hidden), group),
         )
 
-    def train(self, buf) -> dict[str, float]:
-        """One iteration of updates on a filled ``utils.buffer.RolloutBuffer``."""
+    def train(self, buf, defer_critic: bool = False) -> dict[str, float]:
+        """One iteration of updates on a filled ``utils.buffer.RolloutBuffer``.
+
+        ``defer_critic`` (feed-forward critics only): return while the critic update still
+        runs on its thread, so it overlaps whatever the caller does next (the runner: the
+        next rollout, which then calls ``fill_values``, which waits for it). Its stats are
+        reported by the next ``train``. Anything that reads the critics waits for it.
+        """
         cfg = self.config
         self._stacked = None  # the actors change: rebuild the batched rollout forward
         values = self.denormalize(buf.values)
@@ -312,8 +353,13 @@ class OnPolicyMARL:
         advantages, returns = compute_gae(buf.rewards, values, terminated, truncated, final_values,
                                           cfg.gamma, cfg.gae_lambda)
         stats: dict[str, float] = {}
-        if self._critic_pool is not None:
-            critic_stats = self._critic_pool.submit(self.train_critics, buf, returns)
+        self.wait_for_critics()
+        # The critic's own copy of its data: the next rollout refills the buffer while a
+        # deferred update may still be reading it.
+        defer_critic = defer_critic and self.batched_values
+        critic_data = self.critic_batches(buf, returns, copy=defer_critic)
+        if self.critic_with_actors:
+            self._critic_job = self._critic_pool.submit(self.fit_critics, critic_data)
         n_groups = len(self.groups)
         order = np.arange(n_groups) if (cfg.fixed_order or not self.sequential) else self.rng.permutation(n_groups)
         T, E = buf.rewards.shape
@@ -338,7 +384,13 @@ class OnPolicyMARL:
             self.ratio_after_step = None
             for key, value in group_stats.items():
                 stats[f"{self.label(g)}/{key}"] = value
-        stats.update(critic_stats.result() if self._critic_pool is not None else self.train_critics(buf, returns))
+        if self._critic_job is None:
+            self._critic_job = self._critic_pool.submit(self.fit_critics, critic_data)
+        if not defer_critic or not self._critic_stats:
+            self.wait_for_critics()
+        # A deferred update reports with the next iteration (the first one, at once, so
+        # every metrics row has the critic's columns).
+        stats.update(self._critic_stats)
         return stats
 
     @torch.no_grad()
@@ -356,7 +408,8 @@ class OnPolicyMARL:
     def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
         raise NotImplementedError
 
-    def critic_batches(self, buf, returns: torch.Tensor) -> list[CriticBatch]:
+    def critic_batches(self, buf, returns: torch.Tensor, copy: bool = False) -> list[CriticBatch]:
+        """Each critic's data from the buffer: views, or copies that outlive the buffer's reuse."""
         inputs = self.critic_inputs(buf.state, buf.obs)
         out = []
         for k, x in enumerate(inputs):
@@ -364,9 +417,17 @@ class OnPolicyMARL:
                 mask = torch.ones_like(buf.starts[:-1])
             else:
                 mask = buf.active[:, :, k]
-            out.append(CriticBatch(x, returns[..., k], buf.values[:-1, :, k], mask, buf.starts[:-1],
-                                   None if buf.critic_hidden is None else buf.critic_hidden[:, :, k]))
+            batch = CriticBatch(x, returns[..., k], buf.values[:-1, :, k], mask, buf.starts[:-1],
+                                None if buf.critic_hidden is None else buf.critic_hidden[:, :, k])
+            if copy:
+                batch = CriticBatch(*(None if t is None else t.clone() for t in batch))
+            out.append(batch)
         return out
+
+    def train_critics(self, buf, returns: torch.Tensor) -> dict[str, float]:
+        """Update the critics on this rollout now (returns [T, E, K] raw scale)."""
+        self.wait_for_critics()
+        return self.fit_critics(self.critic_batches(buf, returns))
 
     def value_loss(self, values, old_values, targets, mask) -> torch.Tensor:
         """Huber (or squared) error on optionally clipped values, masked mean. [L, b] inputs."""
@@ -385,10 +446,10 @@ class OnPolicyMARL:
             loss = torch.max(loss, elementwise(targets - clipped))
         return masked_mean(loss, mask)
 
-    def train_critics(self, buf, returns: torch.Tensor) -> dict[str, float]:
+    def fit_critics(self, batches: list[CriticBatch]) -> dict[str, float]:
         cfg = self.config
         stats: dict[str, float] = {}
-        for k, batch in enumerate(self.critic_batches(buf, returns)):
+        for k, batch in enumerate(batches):
             critic, optim, norm = self.critics[k], self.critic_optims[k], self.value_norms[k]
             if cfg.use_valuenorm:
                 norm.update(batch.returns[batch.mask])
@@ -431,13 +492,16 @@ class OnPolicyMARL:
 
     # -- persistence -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.wait_for_critics()
         return {"actors": self.actors.state_dict(), "critics": self.critics.state_dict(),
                 "value_norms": self.value_norms.state_dict(),
                 "actor_optims": [o.state_dict() for o in self.actor_optims],
                 "critic_optims": [o.state_dict() for o in self.critic_optims],
-                "rng": self.rng.bit_generator.state, "critic_rng": self.critic_rng.bit_generator.state}
+                "rng": self.rng.bit_generator.state, "critic_rng": self.critic_rng.bit_generator.state,
+                "critic_stats": dict(self._critic_stats)}  # a deferred update reports one iteration later
 
     def load_state_dict(self, state: dict[str, Any], weights_only: bool = False) -> None:
+        self.wait_for_critics()
         self._stacked = None
         self.actors.load_state_dict(state["actors"])
         self.critics.load_state_dict(state["critics"])
@@ -450,3 +514,4 @@ class OnPolicyMARL:
             opt.load_state_dict(s)
         self.rng.bit_generator.state = state["rng"]
         self.critic_rng.bit_generator.state = state["critic_rng"]
+        self._critic_stats = dict(state.get("critic_stats", {}))

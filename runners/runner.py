@@ -155,9 +155,14 @@ class Runner:
     def collect(self) -> None:
         buf, algo, env, E = self.buffer, self.algo, self.env, self.config.n_rollout_threads
         clock = time.perf_counter
+        # A feed-forward critic evaluates the whole rollout in one batch at the end
+        # (``fill_values``); a recurrent one must step along with the actors.
+        per_step_values = not algo.batched_values
+        values = critic_next = None
         for t in range(self.config.episode_length):
             t0 = clock()
-            values, critic_next = algo.values(self.state, self.obs, self.critic_hidden, self.starts)
+            if per_step_values:
+                values, critic_next = algo.values(self.state, self.obs, self.critic_hidden, self.starts)
             actions, log_probs, actor_next = algo.act(self.obs, self.avail, self.actor_hidden, self.starts)
             t1 = clock()
             for i in range(self.spec.n_agents):
@@ -168,7 +173,8 @@ class Runner:
             buf.state[t] = self.state
             buf.log_probs[t] = log_probs
             buf.active[t] = self.active
-            buf.values[t] = values
+            if per_step_values:
+                buf.values[t] = values
             buf.starts[t] = self.starts
             if buf.actor_hidden is not None:
                 buf.actor_hidden[t] = self.actor_hidden
@@ -187,9 +193,14 @@ class Runner:
                 rows = np.flatnonzero(step.truncated)
                 final_state = torch.from_numpy(step.final_state[rows]).to(self.device)
                 final_obs = [torch.from_numpy(o[rows]).to(self.device) for o in step.final_obs]
-                hidden = None if critic_next is None else critic_next[rows]
-                v, _ = algo.values(final_state, final_obs, hidden, torch.zeros(len(rows), dtype=torch.bool))
-                buf.final_values[t, rows] = v
+                if per_step_values:
+                    hidden = None if critic_next is None else critic_next[rows]
+                    v, _ = algo.values(final_state, final_obs, hidden, torch.zeros(len(rows), dtype=torch.bool))
+                    buf.final_values[t, rows] = v
+                else:
+                    buf.final_state[t, rows] = final_state
+                    for i, o in enumerate(final_obs):
+                        buf.final_obs[i][t, rows] = o
             self.recent_episodes.extend(step.completed)
             self._take_step(step)
             self.starts = (terminated | truncated).to(self.device)
@@ -200,8 +211,15 @@ class Runner:
             self.phase["buffer_s"] += (t2 - t1) + (t4 - t3)
             if self.stop_signal is not None:
                 raise Interrupted()
-        values, _ = algo.values(self.state, self.obs, self.critic_hidden, self.starts)
-        buf.values[-1] = values
+        t0 = clock()
+        algo.wait_for_critics()  # the previous iteration's critic update, if still running
+        t1 = clock()
+        if per_step_values:
+            buf.values[-1] = algo.values(self.state, self.obs, self.critic_hidden, self.starts)[0]
+        else:
+            algo.fill_values(buf, self.state, self.obs)
+        self.phase["update_s"] += t1 - t0
+        self.phase["inference_s"] += clock() - t1
         buf.starts[-1] = self.starts
         self.env_steps += self.config.episode_length * E
 
@@ -285,7 +303,7 @@ class Runner:
                 t0 = time.perf_counter()
                 self.algo.iteration = self.iteration + 1
                 self.algo.set_progress(self.env_steps / cfg.num_env_steps)
-                for key, value in self.algo.train(self.buffer).items():
+                for key, value in self.algo.train(self.buffer, defer_critic=True).items():
                     self.window_stats[key].append(value)
                 self.phase["update_s"] += time.perf_counter() - t0
                 self.iteration += 1

@@ -1,6 +1,7 @@
 """Fast paths compute the same thing as the plain ones: batched multi-agent inference
 equals one forward per agent; env worker processes equal in-process stepping."""
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -126,3 +127,59 @@ def test_metrics_row_summarises_every_update_of_its_window(tmp_path):
         for key in ("agent0/kl", "agent0/accepted", "critic/value_loss"):
             assert float(row[key]) == pytest.approx(np.mean([float(r[key]) for r in window]), rel=1e-5, abs=1e-9)
         assert float(row["agent0/kl_max"]) < 0.01
+
+
+@pytest.mark.parametrize("algo_name", ["happo", "ippo"])
+def test_batched_values_and_deferred_critic_match_the_step_by_step_path(algo_name):
+    """``fill_values`` (one pass after the rollout) writes what per-step ``values`` calls
+    would; a critic update deferred past ``train`` (overlapping the next rollout) ends
+    with the same parameters and stats as one run inside ``train``."""
+    import copy
+
+    from tests.test_algorithm_math import fill_buffer
+
+    spec = EnvSpec("test", (AgentSpec(5, "continuous", 2), AgentSpec(4, "continuous", 3)), 9, 50)
+    config = Config(algo=algo_name, hidden_sizes=[16, 16], ppo_epoch=2, critic_epoch=3, critic_num_mini_batch=2,
+                    share_param=False)
+    torch.manual_seed(0)
+    algo = make_algorithm(config, spec, torch.device("cpu"))
+    T, E = 6, 4
+    buf = fill_buffer(algo, T, E, seed=7)
+    g = torch.Generator().manual_seed(8)
+    buf.final_state.copy_(torch.randn(buf.final_state.shape, generator=g))
+    for o in buf.final_obs:
+        o.copy_(torch.randn(o.shape, generator=g))
+    last_state, last_obs = torch.randn(E, 9, generator=g), [torch.randn(E, d, generator=g) for d in (5, 4)]
+    assert buf.truncated.any()
+
+    stepwise = copy.deepcopy(buf)
+    for t in range(T):
+        stepwise.values[t] = algo.values(buf.state[t], [o[t] for o in buf.obs], None, None)[0]
+        rows = buf.truncated[t]
+        if rows.any():
+            stepwise.final_values[t, rows] = algo.values(buf.final_state[t, rows],
+                                                         [o[t, rows] for o in buf.final_obs], None, None)[0]
+    stepwise.values[T] = algo.values(last_state, last_obs, None, None)[0]
+    algo.fill_values(buf, last_state, last_obs)
+    assert torch.allclose(buf.values, stepwise.values, atol=1e-6)
+    truncated = buf.truncated
+    assert torch.allclose(buf.final_values[truncated], stepwise.final_values[truncated], atol=1e-6)
+
+    torch.manual_seed(0)
+    twin = make_algorithm(config, spec, torch.device("cpu"))  # same initial parameters
+    deferred_stats = algo.train(buf, defer_critic=True)  # first update: reports at once
+    now_stats = twin.train(copy.deepcopy(buf))
+    assert deferred_stats == now_stats
+    same_data = copy.deepcopy(buf)
+    gate = threading.Event()
+    algo._critic_pool.submit(gate.wait)  # hold the critic thread until the buffer is overwritten
+    algo.train(buf, defer_critic=True)
+    assert algo._critic_job is not None and not algo._critic_job.done()
+    for x in (buf.state, buf.values, buf.rewards):  # the next rollout refills the buffer...
+        x.fill_(float("nan"))
+    gate.set()
+    algo.wait_for_critics()  # ...but the critic trained on its own copy
+    twin.train(same_data)
+    for a, b in zip(algo.critics.parameters(), twin.critics.parameters()):
+        assert torch.equal(a, b)
+    assert algo._critic_stats == twin._critic_stats

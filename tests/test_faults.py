@@ -427,16 +427,16 @@ def poison(monkeypatch, algo_cls, at_update: int, how: str, hit: list) -> None:
 
     monkeypatch.setattr(algo_cls, "actor_step", actor_step)
     if how == "critic":  # poison on the critic's own (possibly parallel) thread, before its update
-        original_critics = algo_cls.train_critics
+        original_critics = algo_cls.fit_critics
 
-        def train_critics(self, buf, returns):
+        def fit_critics(self, batches):
             if self.iteration == at_update:
                 hit[:] = ["critic0", next(iter(self.critics[0].named_parameters()))[0]]
                 with torch.no_grad():
                     next(iter(self.critics[0].parameters())).fill_(float("nan"))
-            return original_critics(self, buf, returns)
+            return original_critics(self, batches)
 
-        monkeypatch.setattr(algo_cls, "train_critics", train_critics)
+        monkeypatch.setattr(algo_cls, "fit_critics", fit_critics)
 
 
 @pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad")  # base.py:398 float(loss)

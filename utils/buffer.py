@@ -16,7 +16,9 @@ class RolloutBuffer:
     active [T, E, N] bool; state [T, E, S]; rewards [T, E]; terminated, truncated [T, E]
     bool (the step taken at t ended the episode); values [T+1, E, K] (critic outputs,
     values[T] bootstraps the cut); final_values [T, E, K] = V(final state) where
-    truncated; starts [T+1, E] bool (obs[t] opens an episode: recurrent states reset);
+    truncated; final_state [T, E, S] / final_obs[i] [T, E, obs_dim_i], the last
+    observations of truncated episodes, kept for a feed-forward critic that evaluates the
+    rollout in one batch afterwards (None for recurrent critics); starts [T+1, E] bool (obs[t] opens an episode: recurrent states reset);
     actor_hidden [T, E, N, n, H] / critic_hidden [T, E, K, n, H], the recurrent states
     before step t (None for feed-forward networks).
     """
@@ -39,5 +41,7 @@ class RolloutBuffer:
         self.values = z(T + 1, E, K)
         self.final_values = z(T, E, K)
         self.starts = z(T + 1, E, dtype=torch.bool)
+        self.final_state = None if recurrent else z(T, E, spec.state_dim)
+        self.final_obs = None if recurrent else [z(T, E, a.obs_dim) for a in spec.agents]
         self.actor_hidden = z(T, E, N, *hidden_shape) if recurrent else None
         self.critic_hidden = z(T, E, K, *hidden_shape) if recurrent else None
