@@ -168,7 +168,10 @@ class OnPolicyMARL:
         self.critic_rng = np.random.default_rng(config.seed + 1)
         self.critic_with_actors = config.parallel_critic or torch.get_num_threads() == 1
         self.batched_values = not config.use_recurrent_policy
-        self._critic_pool = ThreadPoolExecutor(1, thread_name_prefix="critic")
+        # One intra-op thread there: it shares the machine with the actors' or the rollout's
+        # work (the setting is per thread; measured in docs/performance.md).
+        self._critic_pool = ThreadPoolExecutor(1, thread_name_prefix="critic",
+                                               initializer=torch.set_num_threads, initargs=(1,))
         self._critic_job = None  # Future of the pending critic update
         self._critic_stats: dict[str, float] = {}  # the last finished critic update's stats
         self.iteration = 0  # set by the runner; names the update in error messages
@@ -384,12 +387,16 @@ class OnPolicyMARL:
             self.ratio_after_step = None
             for key, value in group_stats.items():
                 stats[f"{self.label(g)}/{key}"] = value
-        if self._critic_job is None:
-            self._critic_job = self._critic_pool.submit(self.fit_critics, critic_data)
-        if not defer_critic or not self._critic_stats:
+        # A deferred update reports with the next iteration; the first one runs at once so
+        # that every metrics row has the critic's columns.
+        deferring = defer_critic and bool(self._critic_stats)
+        if self._critic_job is None:  # not started with the actors
+            if deferring:
+                self._critic_job = self._critic_pool.submit(self.fit_critics, critic_data)
+            else:  # nothing to overlap with: here, with every intra-op thread
+                self._critic_stats = self.fit_critics(critic_data)
+        elif not deferring:
             self.wait_for_critics()
-        # A deferred update reports with the next iteration (the first one, at once, so
-        # every metrics row has the critic's columns).
         stats.update(self._critic_stats)
         return stats
 

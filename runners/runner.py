@@ -153,11 +153,34 @@ class Runner:
                                      f"(collecting for update {self.iteration + 1})")
 
     def collect(self) -> None:
-        buf, algo, env, E = self.buffer, self.algo, self.env, self.config.n_rollout_threads
+        buf, algo, E = self.buffer, self.algo, self.config.n_rollout_threads
         clock = time.perf_counter
         # A feed-forward critic evaluates the whole rollout in one batch at the end
         # (``fill_values``); a recurrent one must step along with the actors.
         per_step_values = not algo.batched_values
+        # The rollout's small forwards gain nothing from intra-op threads, and a spare
+        # core may be running the critic's update: one thread here (docs/performance.md).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            self._collect_steps(per_step_values)
+        finally:
+            torch.set_num_threads(threads)
+        t0 = clock()
+        algo.wait_for_critics()  # the previous iteration's critic update, if still running
+        t1 = clock()
+        if per_step_values:
+            buf.values[-1] = algo.values(self.state, self.obs, self.critic_hidden, self.starts)[0]
+        else:
+            algo.fill_values(buf, self.state, self.obs)
+        self.phase["update_s"] += t1 - t0
+        self.phase["inference_s"] += clock() - t1
+        buf.starts[-1] = self.starts
+        self.env_steps += self.config.episode_length * E
+
+    def _collect_steps(self, per_step_values: bool) -> None:
+        buf, algo, env = self.buffer, self.algo, self.env
+        clock = time.perf_counter
         values = critic_next = None
         for t in range(self.config.episode_length):
             t0 = clock()
@@ -211,17 +234,6 @@ class Runner:
             self.phase["buffer_s"] += (t2 - t1) + (t4 - t3)
             if self.stop_signal is not None:
                 raise Interrupted()
-        t0 = clock()
-        algo.wait_for_critics()  # the previous iteration's critic update, if still running
-        t1 = clock()
-        if per_step_values:
-            buf.values[-1] = algo.values(self.state, self.obs, self.critic_hidden, self.starts)[0]
-        else:
-            algo.fill_values(buf, self.state, self.obs)
-        self.phase["update_s"] += t1 - t0
-        self.phase["inference_s"] += clock() - t1
-        buf.starts[-1] = self.starts
-        self.env_steps += self.config.episode_length * E
 
     # -- evaluation / logging -------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:

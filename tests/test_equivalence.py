@@ -180,6 +180,7 @@ def test_batched_values_and_deferred_critic_match_the_step_by_step_path(algo_nam
     gate.set()
     algo.wait_for_critics()  # ...but the critic trained on its own copy
     twin.train(same_data)
+    # (equal up to float rounding: the critic's thread runs with one intra-op thread)
     for a, b in zip(algo.critics.parameters(), twin.critics.parameters()):
-        assert torch.equal(a, b)
-    assert algo._critic_stats == twin._critic_stats
+        assert torch.allclose(a, b, atol=1e-5)
+    assert algo._critic_stats == pytest.approx(twin._critic_stats, rel=1e-4)
