@@ -1,0 +1,28 @@
+"""bash scripts/bench.sh's contract: a last-line JSON with the figures the throughput issue
+names, on the reference implementation's 20 x 200 HalfCheetah rollout unless told otherwise."""
+import json
+
+from train import bench
+
+
+def test_given_recognises_every_spelling():
+    assert bench.given(["--episode_length", "9"], "episode_length")
+    assert bench.given(["--episode-length=9"], "episode_length")
+    assert not bench.given(["--episode_lengthx", "9", "--env"], "episode_length")
+
+
+def test_bench_prints_the_figures_on_the_reference_rollout(capsys):
+    rc = bench.main(["--iterations", "2", "--hidden_sizes", "16,16", "--ppo_epoch", "1", "--critic_epoch", "1"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "20x200" in result["workload"] and "happo" in result["workload"]
+    assert result["env_steps"] == 2 * 20 * 200
+    assert result["sps"] > 0 and result["env_only_sps"] > 0 and result["peak_rss_mb"] > 0
+    assert {"env", "inference", "buffer", "update"} <= set(result["seconds"])
+
+
+def test_bench_rejects_bad_input(capsys):
+    assert bench.main(["--iterations", "0"]) == 2
+    assert bench.main(["--algo", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
