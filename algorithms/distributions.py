@@ -71,6 +71,13 @@ class GaussianHead(nn.Module):
         return (torch.log(new.b / old.b) + (var_old + (old.a - new.a).pow(2)) / (2 * var_new) - 0.5).sum(-1)
 
 
+    @staticmethod
+    def fisher_weights(old: DistParams) -> DistParams:
+        """Diagonal Hessian of KL(old || new) in (mean, std) at new = old: 1/sigma^2, 2/sigma^2."""
+        inv_var = old.b.pow(-2)
+        return DistParams(inv_var, 2 * inv_var)
+
+
 class CategoricalHead(nn.Module):
     """Linear logits head; unavailable actions are masked out of everything."""
 
@@ -111,3 +118,12 @@ class CategoricalHead(nn.Module):
         if old.b is not None:
             terms = terms.masked_fill(~old.b, 0.0)
         return terms.sum(-1)
+
+    @staticmethod
+    def fisher_weights(old: DistParams) -> DistParams:
+        """In log-probability coordinates the Fisher is diag(pi_old) (sum_a pi grad log pi = 0
+        removes the rank-one term); unavailable actions weigh 0."""
+        probs = old.a.exp()
+        if old.b is not None:
+            probs = probs.masked_fill(~old.b, 0.0)
+        return DistParams(probs, None)

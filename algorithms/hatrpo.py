@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from algorithms.base import ActorBatch, NumericalError, OnPolicyMARL, first_hidden, masked_mean
-from algorithms.trust_region import (conjugate_gradient, fisher_vector_product_fn, flat_grad,
-                                     flat_params, set_flat_params)
+from algorithms.trust_region import (conjugate_gradient, flat_grad, flat_params, gauss_newton_fvp_fn,
+                                     set_flat_params)
 
 
 class HATRPO(OnPolicyMARL):
@@ -53,7 +53,7 @@ class HATRPO(OnPolicyMARL):
                  "improvement": 0.0, "expected_improvement": 0.0}
         if float(grad.norm()) < 1e-10:
             return stats  # nothing to improve (e.g. every sample inactive)
-        fvp = fisher_vector_product_fn(mean_kl(old_dist, dist), params, cfg.cg_damping)
+        fvp = self.fisher_vector_product(actor, dist, old_dist, batch.active, params)
         step_dir = conjugate_gradient(fvp, grad, iters=cfg.cg_iters)
         shs = 0.5 * step_dir.dot(fvp(step_dir))
         if not torch.isfinite(shs) or shs <= 0:
@@ -78,3 +78,18 @@ class HATRPO(OnPolicyMARL):
                     return stats
             set_flat_params(params, old_params)  # no acceptable step: keep the old policy
         return stats
+
+    def fisher_vector_product(self, actor, dist, old_dist, active, params):
+        """v -> (H + damping I) v, H the Hessian of the mean KL at the old parameters.
+
+        Computed in its Gauss-Newton form J^T W J (``trust_region.gauss_newton_fvp_fn``):
+        the same matrix as differentiating the KL twice, for about half the work per
+        product (tests/test_algorithm_math.py checks it against the explicit Hessian).
+        """
+        per_sample = active.to(dist.a.dtype) / active.sum().clamp(min=1)  # the masked mean's weights
+        outputs, weights = [], []
+        for output, weight in zip(dist, actor.head.fisher_weights(old_dist)):
+            if weight is not None and output.requires_grad:
+                outputs.append(output)
+                weights.append(weight * per_sample.unsqueeze(-1))
+        return gauss_newton_fvp_fn(outputs, weights, params, self.config.cg_damping)

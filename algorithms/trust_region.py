@@ -1,6 +1,6 @@
 """Trust-region maths for HATRPO: flat parameter vectors, conjugate gradient, and the
-Fisher-vector product as a Hessian-vector product of the mean KL (Schulman et al. 2015,
-App. C; Kuba et al. 2022, Alg. 2)."""
+Fisher-vector product, i.e. the mean KL's Hessian at the old policy times a vector
+(Schulman et al. 2015, App. C; Kuba et al. 2022, Alg. 2), in Gauss-Newton form."""
 from __future__ import annotations
 
 from typing import Callable, Iterable
@@ -46,16 +46,24 @@ def conjugate_gradient(matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.
     return x
 
 
-def fisher_vector_product_fn(mean_kl: torch.Tensor, params: list[torch.Tensor],
-                             damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Return ``v -> (H + damping I) v`` with H the Hessian of ``mean_kl`` at the current params.
+def gauss_newton_fvp_fn(outputs: list[torch.Tensor], weights: list[torch.Tensor], params: list[torch.Tensor],
+                        damping: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Return ``v -> (J^T W J + damping I) v``, J = d outputs / d params.
 
-    The KL's gradient graph is built once; each product is then a single backward pass
-    (no new forward pass per conjugate-gradient iteration).
+    At the old parameters the mean KL's Hessian is exactly this Gauss-Newton form: its
+    other term carries the KL's gradient with respect to the distribution parameters,
+    which vanishes where new = old. ``outputs`` are the distribution parameters (still
+    attached to the forward graph) and ``weights`` the KL's Hessian with respect to them,
+    diagonal, already scaled by the mask of the mean (``head.fisher_weights``). J v comes
+    from a backward pass through the (linear in u) graph of J^T u; J^T (W J v) from a
+    plain backward pass through the forward graph, which is kept.
     """
-    kl_grad = flat_grad(mean_kl, params, create_graph=True)
+    dummies = [torch.zeros_like(y, requires_grad=True) for y in outputs]
+    jt_u = flat_grad(outputs, params, grad_outputs=dummies, create_graph=True)
 
     def fvp(v: torch.Tensor) -> torch.Tensor:
-        return flat_grad(kl_grad.dot(v), params, retain_graph=True) + damping * v
+        jv = torch.autograd.grad(jt_u, dummies, grad_outputs=v, retain_graph=True)
+        weighted = [w * x for w, x in zip(weights, jv)]
+        return flat_grad(outputs, params, grad_outputs=weighted, retain_graph=True) + damping * v
 
     return fvp

@@ -25,8 +25,7 @@ from algorithms.happo import HAPPO, happo_loss
 from algorithms.hatrpo import HATRPO
 from algorithms.mappo import MAPPO
 from algorithms.networks import Trunk
-from algorithms.trust_region import (conjugate_gradient, fisher_vector_product_fn, flat_params,
-                                     set_flat_params)
+from algorithms.trust_region import conjugate_gradient, flat_params, gauss_newton_fvp_fn, set_flat_params
 from algorithms.value_norm import ValueNorm
 from envs.base import AgentSpec, EnvSpec
 from train.config import Config
@@ -147,43 +146,46 @@ def test_conjugate_gradient_matches_linear_solve():
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "categorical"])
-def test_fisher_vector_product_is_hessian_of_kl_plus_damping(kind):
-    g = torch.Generator().manual_seed(1)
-    obs = torch.randn(6, 3, generator=g, dtype=torch.float64)
-    W = torch.randn(4, 3, generator=g, dtype=torch.float64) * 0.5
-    bias = torch.randn(4, generator=g, dtype=torch.float64) * 0.1
-    log_std = torch.randn(4, generator=g, dtype=torch.float64) * 0.3
-    avail = torch.rand(6, 4, generator=g) < 0.7
-    avail[:, 1] = True
-    shapes = [W.shape, bias.shape, log_std.shape]
-    theta0 = torch.cat([W.reshape(-1), bias, log_std])
+def test_gauss_newton_fvp_is_the_kl_hessian_at_the_old_policy(kind):
+    """HATRPO's product J^T W J v (W = head.fisher_weights, scaled by the active mask of the
+    mean) equals the explicit Hessian of the masked mean KL at the old parameters."""
+    g = torch.Generator().manual_seed(2)
+    obs = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)  # [L, B, obs]
+    active = torch.rand(2, 4, generator=g) < 0.7
+    active[0, 0] = True
+    avail = torch.rand(2, 4, 5, generator=g) < 0.6
+    avail[..., 2] = True
+    w1 = torch.randn(6, 3, generator=g, dtype=torch.float64) * 0.5
+    w2 = torch.randn(5, 6, generator=g, dtype=torch.float64) * 0.5
+    log_std = torch.randn(5, generator=g, dtype=torch.float64) * 0.3
+    sizes = [w1.numel(), w2.numel(), log_std.numel()]
+    theta0 = torch.cat([w1.reshape(-1), w2.reshape(-1), log_std])
+    head = GaussianHead if kind == "gaussian" else CategoricalHead
 
     def dist(flat):
-        parts, offset = [], 0
-        for s in shapes:
-            n = int(np.prod(s))
-            parts.append(flat[offset: offset + n].view(s))
-            offset += n
-        w, b, ls = parts
-        out = obs @ w.T + b
+        a, b, ls = flat.split(sizes)
+        out = torch.tanh(obs @ a.view(6, 3).T) @ b.view(5, 6).T
         if kind == "gaussian":
             return DistParams(out, (torch.sigmoid(ls) * 0.5).expand_as(out))
-        # log_std is unused by the categorical head: its rows of H are zero
         return DistParams((out + 0 * ls).masked_fill(~avail, -1e10).log_softmax(-1), avail)
 
-    head = GaussianHead if kind == "gaussian" else CategoricalHead
     old = dist(theta0)
-    old = DistParams(old.a.detach(), old.b.detach())
-    shift = torch.randn(theta0.shape, generator=g, dtype=torch.float64) * 0.2
-    for point in (theta0, theta0 + shift):  # at the old policy (TRPO's use) and away from it
-        mean_kl_fn = lambda flat: head.kl(old, dist(flat)).mean()  # noqa: E731
-        H = torch.autograd.functional.hessian(mean_kl_fn, point)
-        params = [point.clone().requires_grad_(True)]
-        fvp = fisher_vector_product_fn(mean_kl_fn(params[0]), params, damping=0.1)
-        for _ in range(3):
-            v = torch.randn(theta0.shape, generator=g, dtype=torch.float64)
-            assert torch.allclose(fvp(v), H @ v + 0.1 * v, atol=1e-10, rtol=1e-8)
-    assert H.abs().max() > 1e-3  # the check is not against a zero matrix
+    old = DistParams(old.a.detach(), None if old.b is None else old.b.detach())
+    mean_kl = lambda flat: masked_mean(head.kl(old, dist(flat)), active)  # noqa: E731
+    H = torch.autograd.functional.hessian(mean_kl, theta0)
+    assert H.abs().max() > 1e-3
+    params = [theta0.clone().requires_grad_(True)]
+    new = dist(params[0])
+    per_sample = active.double() / active.sum()
+    outputs, weights = [], []
+    for output, weight in zip(new, head.fisher_weights(old)):
+        if weight is not None:
+            outputs.append(output)
+            weights.append(weight * per_sample.unsqueeze(-1))
+    fvp = gauss_newton_fvp_fn(outputs, weights, params, damping=0.1)
+    for _ in range(3):
+        v = torch.randn(theta0.shape, generator=g, dtype=torch.float64)
+        assert torch.allclose(fvp(v), H @ v + 0.1 * v, atol=1e-10, rtol=1e-8)
 
 
 def test_flat_params_round_trip():
