@@ -431,11 +431,6 @@ class OnPolicyMARL:
             out.append(batch)
         return out
 
-    def train_critics(self, buf, returns: torch.Tensor) -> dict[str, float]:
-        """Update the critics on this rollout now (returns [T, E, K] raw scale)."""
-        self.wait_for_critics()
-        return self.fit_critics(self.critic_batches(buf, returns))
-
     def value_loss(self, values, old_values, targets, mask) -> torch.Tensor:
         """Huber (or squared) error on optionally clipped values, masked mean. [L, b] inputs."""
         cfg = self.config
@@ -454,6 +449,7 @@ class OnPolicyMARL:
         return masked_mean(loss, mask)
 
     def fit_critics(self, batches: list[CriticBatch]) -> dict[str, float]:
+        """The critics' epochs on their batches (``critic_batches``); returns their stats."""
         cfg = self.config
         stats: dict[str, float] = {}
         for k, batch in enumerate(batches):
