@@ -44,8 +44,11 @@ class GaussianHead(nn.Module):
 
     def forward(self, features: torch.Tensor, avail: torch.Tensor | None = None) -> DistParams:
         mean = self.mean(features)
-        std = torch.sigmoid(self.log_std / self.std_x) * self.std_y
-        return DistParams(mean, std.expand_as(mean))
+        return DistParams(mean, self.std().expand_as(mean))
+
+    def std(self) -> torch.Tensor:
+        """[act_dim] = sigmoid(log_std / x) * y."""
+        return torch.sigmoid(self.log_std / self.std_x) * self.std_y
 
     @staticmethod
     def sample(p: DistParams, deterministic: bool) -> torch.Tensor:
@@ -70,7 +73,6 @@ class GaussianHead(nn.Module):
         var_old, var_new = old.b.pow(2), new.b.pow(2)
         return (torch.log(new.b / old.b) + (var_old + (old.a - new.a).pow(2)) / (2 * var_new) - 0.5).sum(-1)
 
-
     @staticmethod
     def fisher_weights(old: DistParams) -> DistParams:
         """Diagonal Hessian of KL(old || new) in (mean, std) at new = old: 1/sigma^2, 2/sigma^2."""
@@ -86,7 +88,11 @@ class CategoricalHead(nn.Module):
         self.logits = _orthogonal(nn.Linear(in_dim, n_actions), gain)
 
     def forward(self, features: torch.Tensor, avail: torch.Tensor | None = None) -> DistParams:
-        logits = self.logits(features)
+        return self.from_logits(self.logits(features), avail)
+
+    @staticmethod
+    def from_logits(logits: torch.Tensor, avail: torch.Tensor | None) -> DistParams:
+        """Raw logits [..., n_actions] -> masked, normalised log-probs."""
         if avail is not None:
             logits = logits.masked_fill(~avail, UNAVAILABLE_LOGIT)
         return DistParams(logits.log_softmax(-1), avail)

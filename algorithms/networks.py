@@ -141,7 +141,7 @@ class StackedActors:
             if isinstance(self.head, GaussianHead):
                 self.out = (torch.stack([h.mean.weight.t() for h in heads]),
                             torch.stack([h.mean.bias for h in heads]).unsqueeze(1))
-                self.std = torch.stack([torch.sigmoid(h.log_std / h.std_x) * h.std_y for h in heads]).unsqueeze(1)
+                self.std = torch.stack([h.std() for h in heads]).unsqueeze(1)
             else:
                 self.out = (torch.stack([h.logits.weight.t() for h in heads]),
                             torch.stack([h.logits.bias for h in heads]).unsqueeze(1))
@@ -161,8 +161,6 @@ class StackedActors:
         if isinstance(self.head, GaussianHead):
             params = DistParams(out, self.std.expand_as(out))
         else:
-            if avail is not None:
-                out = out.masked_fill(~avail, -1e10)
-            params = DistParams(out.log_softmax(-1), avail)
+            params = CategoricalHead.from_logits(out, avail)
         actions = self.head.sample(params, deterministic)
         return actions, self.head.log_prob(params, actions)

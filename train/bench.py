@@ -48,8 +48,9 @@ def random_actions(spec, step, rng: np.random.Generator, E: int) -> list[np.ndar
 
 def given(flags: list[str], name: str) -> bool:
     """Whether ``--name`` (or ``--name-with-dashes``, with or without ``=value``) is in flags."""
-    forms = {f"--{name}", f"--{name.replace('_', '-')}"}
-    return any(f.split("=", 1)[0] in forms for f in flags)
+    from train.sweep import has_flag
+
+    return has_flag(flags, f"--{name}", f"--{name.replace('_', '-')}")
 
 
 REFERENCE_ROLLOUT = ["--episode_length", "200"]  # 20 envs x 200 steps, as the reference runs it
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in steady:
         for key, value in row.items():
             if key.startswith("time/") and value:
-                phases[key[len("time/"):-2]] = phases.get(key[len("time/"):-2], 0.0) + float(value)
+                phase = key[len("time/"):-len("_s")]
+                phases[phase] = phases.get(phase, 0.0) + float(value)
     phases["other"] = max(steady_seconds - sum(phases.values()), 0.0)
     train_seconds = summary["wall_seconds"]
 

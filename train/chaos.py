@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from train.sweep import drop_flag
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -130,20 +132,6 @@ def _flag_value(flags: list[str], *names: str) -> str | None:
     return None
 
 
-def _without(flags: list[str], *names: str) -> list[str]:
-    out, skip = [], False
-    for token in flags:
-        if skip:
-            skip = False
-            continue
-        name, eq, _ = token.partition("=")
-        if name in names:
-            skip = not eq
-            continue
-        out.append(token)
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts, flags = parse(argv)
@@ -166,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if "--progress" not in flags and "--no-progress" not in flags:
             flags += ["--no-progress"]
         base = Path(_flag_value(flags, "--results_dir", "--results-dir") or "results")
-        flags = _without(flags, "--results_dir", "--results-dir")
+        flags = drop_flag(flags, "--results_dir", "--results-dir")
         chaos_dir = Path(opts.chaos_dir) if opts.chaos_dir else base / "chaos" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         config = load_config(flags)  # validates every flag before anything runs
     except ConfigError as exc:

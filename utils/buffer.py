@@ -18,7 +18,8 @@ class RolloutBuffer:
     values[T] bootstraps the cut); final_values [T, E, K] = V(final state) where
     truncated; final_state [T, E, S] / final_obs[i] [T, E, obs_dim_i], the last
     observations of truncated episodes, kept for a feed-forward critic that evaluates the
-    rollout in one batch afterwards (None for recurrent critics); starts [T+1, E] bool (obs[t] opens an episode: recurrent states reset);
+    rollout in one batch afterwards (None for recurrent critics); starts [T+1, E] bool
+    (obs[t] opens an episode: recurrent states reset);
     actor_hidden [T, E, N, n, H] / critic_hidden [T, E, K, n, H], the recurrent states
     before step t (None for feed-forward networks).
     """
