@@ -13,9 +13,9 @@ import sys
 import warnings
 from pathlib import Path
 
-from utils.checkpoint import CheckpointError
 from train.config import (RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
                           parse_flags, read_yaml, save_config)
+from utils.checkpoint import CheckpointError
 
 
 def run_dir_for(config: Config) -> Path:
@@ -37,7 +37,7 @@ def ensure_writable(directory: Path, flag: str) -> None:
 
 def resume_config(argv: list[str]) -> tuple[Config, dict]:
     """Config of the run being resumed, with runtime flags (steps, device, ...) applied."""
-    from utils.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+    from utils.checkpoint import checkpoint_path, load_checkpoint
 
     flags = parse_flags(argv)
     run_dir = Path(flags["resume"])
@@ -70,7 +70,7 @@ def evaluate_only(config: Config) -> int:
 
     from envs.registry import make_vec_env
     from runners.evaluate import eval_seed, evaluate, policy_from_checkpoint
-    from utils.checkpoint import CheckpointError, load_checkpoint
+    from utils.checkpoint import load_checkpoint
     from utils.device import resolve_device, set_threads
 
     if not config.model_dir:

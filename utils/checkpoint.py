@@ -12,10 +12,13 @@ import errno
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
+# torch is imported where a checkpoint is written or read, so that importing this module
+# (for CheckpointError, by the CLI's error handling) costs nothing at start-up.
 CHECKPOINT_VERSION = 1
 CHECKPOINT_NAME = "last.pt"
 
@@ -57,6 +60,8 @@ def save_checkpoint(run_dir: Path, payload: dict[str, Any]) -> Path:
     for stale in path.parent.glob(f".{path.name}.tmp-*"):  # left by a process killed mid-write
         if not stale.name.endswith(f"-{os.getpid()}"):
             stale.unlink(missing_ok=True)
+    import torch
+
     buffer = io.BytesIO()
     torch.save({"version": CHECKPOINT_VERSION, **payload}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
@@ -70,6 +75,8 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         path = checkpoint_path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
+    import torch
+
     try:
         payload = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated / garbage files surface as many exception types
