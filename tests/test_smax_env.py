@@ -267,3 +267,20 @@ def test_render(env3m):
     blue = (frame[..., 2] > 150) & (frame[..., 0] < 120)
     red = (frame[..., 0] > 150) & (frame[..., 2] < 120)
     assert blue.sum() > 20 and red.sum() > 20
+
+
+def test_a_copys_trajectory_does_not_depend_on_n_envs():
+    """Copy k's steps and episode starts depend only on (seed, k): the first two copies of
+    a 4-copy env and of a 2-copy env play the same 4-step episodes (10 per copy)."""
+    wide = SMAXVecEnv("3m", n_envs=4, seed=0, max_steps=3)
+    narrow = SMAXVecEnv("3m", n_envs=2, seed=0, max_steps=3)
+    a = rollout(wide, wide.reset(seed=5), 40, seed=0, policy=focus_fire)
+    b = rollout(narrow, narrow.reset(seed=5), 40, seed=0, policy=focus_fire)
+    assert sum(len(s["completed"]) for s in b) == 2 * 10
+    for t, (x, y) in enumerate(zip(a, b)):
+        for key in ("obs", "avail", "final_obs"):  # [N, E, ...]
+            np.testing.assert_array_equal(x[key][:, :2], y[key], err_msg=f"step {t}: {key}")
+        for key in ("state", "reward", "terminated", "truncated", "active", "final_state"):
+            np.testing.assert_array_equal(x[key][:2], y[key], err_msg=f"step {t}: {key}")
+    wide.close()
+    narrow.close()
