@@ -95,6 +95,13 @@ class CategoricalHead(nn.Module):
         """Raw logits [..., n_actions] -> masked, normalised log-probs."""
         if avail is not None:
             logits = logits.masked_fill(~avail, UNAVAILABLE_LOGIT)
+        n = logits.shape[-1]
+        if n < 16 and logits.device.type == "cpu":
+            # torch's CPU log_softmax has no vectorised path for rows narrower than 16
+            # floats: [1600, 8] takes 190 us, padded to 16 columns 36 us (backward 2.5x
+            # faster too). Padding logits of -1e10 add exp(-1e10 - max) = 0 to the sum.
+            padded = torch.nn.functional.pad(logits, (0, 16 - n), value=UNAVAILABLE_LOGIT)
+            return DistParams(padded.log_softmax(-1)[..., :n], avail)
         return DistParams(logits.log_softmax(-1), avail)
 
     @staticmethod

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from algorithms.base import OnPolicyMARL, compute_gae, first_hidden, masked_mean, minibatches, take
+from algorithms.base import OnPolicyMARL, Rows, compute_gae, first_hidden, masked_mean, minibatches, take
 from algorithms.distributions import CategoricalHead, DistParams, GaussianHead
 from algorithms.happo import HAPPO, happo_loss
 from algorithms.hatrpo import HATRPO
@@ -276,6 +276,25 @@ def test_categorical_masking_sampling_entropy_kl():
     with torch.no_grad():
         free = head(feats_old)
     assert torch.allclose(CategoricalHead.entropy(free), Categorical(logits=raw_old).entropy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_actions", [2, 8, 15, 16, 23])
+def test_categorical_log_probs_and_gradients_equal_log_softmax_at_every_width(n_actions):
+    """Narrow heads (< 16 actions) are padded before log_softmax on CPU for speed; the
+    values and the gradient must be those of the plain masked log_softmax."""
+    g = torch.Generator().manual_seed(n_actions)
+    logits = torch.randn(50, n_actions, generator=g, requires_grad=True)
+    avail = torch.rand(50, n_actions, generator=g) > 0.3
+    avail[:, 0] = True
+    weights = torch.randn(50, n_actions, generator=g) * avail
+    ours = CategoricalHead.from_logits(logits, avail).a
+    (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
+    plain = logits.masked_fill(~avail, -1e10).log_softmax(-1)
+    (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
+    assert ours.shape == (50, n_actions)
+    assert torch.allclose(ours[avail], plain[avail], atol=1e-6)
+    assert (ours[~avail] < -1e9).all()
+    assert torch.allclose(grad_ours, grad_plain, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------- 4. GAE
@@ -757,27 +776,34 @@ def test_recurrent_minibatches_cover_each_sample_once_in_aligned_chunks():
     for n in (1, 2, 4, 9):
         seen = torch.zeros(T, B, dtype=torch.long)
         parts = list(minibatches(T, B, n, L, np.random.default_rng(n)))
-        for t_idx, b_idx in parts:
+        x = torch.randn(T + 1, B, 2)  # like obs: one more row than the rollout
+        for t_idx, b_idx, flat in parts:
+            assert torch.equal(take(x, Rows(t_idx, b_idx, flat)), x[t_idx, b_idx])
             assert t_idx.shape == (L, b_idx.shape[0])
             assert (t_idx[0] % L == 0).all()
             assert torch.equal(t_idx, t_idx[:1] + torch.arange(L).unsqueeze(1))
             seen[t_idx, b_idx] += 1
         assert torch.equal(seen, torch.ones(T, B, dtype=torch.long))
     # shuffled: two seeds give different chunk orders
-    a = torch.cat([b for _, b in minibatches(T, B, 1, L, np.random.default_rng(0))])
-    a_t = torch.cat([t[0] for t, _ in minibatches(T, B, 1, L, np.random.default_rng(0))])
-    b_t = torch.cat([t[0] for t, _ in minibatches(T, B, 1, L, np.random.default_rng(1))])
+    a = torch.cat([r.b for r in minibatches(T, B, 1, L, np.random.default_rng(0))])
+    a_t = torch.cat([r.t[0] for r in minibatches(T, B, 1, L, np.random.default_rng(0))])
+    b_t = torch.cat([r.t[0] for r in minibatches(T, B, 1, L, np.random.default_rng(1))])
     assert a.shape == (9,) and not torch.equal(a_t, b_t)
     # feed-forward: single samples, every (t, b) once; one mini-batch means "the whole batch"
     seen = torch.zeros(5, 3, dtype=torch.long)
-    for t_idx, b_idx in minibatches(5, 3, 4, None, np.random.default_rng(0)):
+    x = torch.randn(5, 3, 2)
+    for rows in minibatches(5, 3, 4, None, np.random.default_rng(0)):
+        t_idx, b_idx = rows.t, rows.b
+        assert torch.equal(take(x, rows), x[t_idx, b_idx])
         assert t_idx.shape == (1, b_idx.shape[0])
         seen[t_idx, b_idx] += 1
     assert torch.equal(seen, torch.ones(5, 3, dtype=torch.long))
     assert list(minibatches(5, 3, 1, None, np.random.default_rng(0))) == [None]
     x = torch.arange(36.0).view(12, 3)
-    idx = (torch.tensor([[4], [5], [6], [7]]), torch.tensor([2]))
+    t_idx = torch.tensor([[4], [5], [6], [7]])
+    idx = Rows(t_idx, torch.tensor([2]), t_idx * 3 + 2)
     assert torch.equal(take(x, idx), torch.tensor([[14.0], [17.0], [20.0], [23.0]]))
+    assert torch.equal(take(x.t().contiguous().t(), idx), take(x, idx))  # strided: advanced indexing
     assert take(x, None) is x and take(None, idx) is None
     h = torch.arange(12 * 3 * 2.0).view(12, 3, 1, 2)
     assert torch.equal(first_hidden(h, idx), h[4, [2]]) and torch.equal(first_hidden(h, None), h[0])
@@ -786,7 +812,7 @@ def test_recurrent_minibatches_cover_each_sample_once_in_aligned_chunks():
 @pytest.mark.parametrize("T,B,n,L", [(12, 3, 4, 4), (5, 2, 6, None), (12, 3, 6, 4)])
 def test_minibatches_yield_exactly_num_mini_batch_parts(T, B, n, L):
     parts = list(minibatches(T, B, n, L, np.random.default_rng(0)))
-    sizes = [b_idx.shape[0] for _, b_idx in parts]
+    sizes = [rows.b.shape[0] for rows in parts]
     assert len(parts) == n and max(sizes) - min(sizes) <= 1
 
 
