@@ -3,13 +3,19 @@
 Same sequential loop as HAPPO (``OnPolicyMARL.train``); agent i_m takes one natural
 gradient step on the M-weighted surrogate
 
-    L(theta) = E[ r(theta) M A ]          (r: joint ratio over the agent's action dims)
+    L(theta) = E[ r(theta) M A ] + c_ent E[ H(pi_theta) ]   (r: joint ratio over the agent's action dims)
 
 under KL(pi_old || pi_new) <= delta: conjugate gradient solves H x = g with H the
 Fisher (Hessian of the mean KL, plus damping), the step is scaled to the KL boundary,
 x * sqrt(2 delta / x^T H x), and a backtracking line search accepts the first fraction
 whose KL is below delta and whose improvement is positive and at least ``accept_ratio``
 of the linear prediction; otherwise the old parameters are restored.
+
+c_ent is ``--entropy_coef``. The paper's objective has no entropy term, and HATRPO's
+default is 0 (``train/config.py``, ALGORITHM_DEFAULTS); a bonus keeps a discrete policy
+from turning deterministic within a few hundred KL-bounded steps (SMAX 3m,
+``configs/smax/3m.yaml``). The KL bound, the line search and the improvement check all
+apply to L as written.
 """
 from __future__ import annotations
 
@@ -33,7 +39,10 @@ class HATRPO(OnPolicyMARL):
         def evaluate():
             log_probs, entropy, dist = actor.evaluate(batch.obs, batch.actions, h0, batch.starts, batch.avail)
             ratio = torch.exp(log_probs - batch.old_log_probs)
-            return masked_mean(ratio * weighted_adv, batch.active), entropy, dist, ratio
+            objective = masked_mean(ratio * weighted_adv, batch.active)
+            if cfg.entropy_coef:
+                objective = objective + cfg.entropy_coef * masked_mean(entropy, batch.active)
+            return objective, entropy, dist, ratio
 
         def mean_kl(old_dist, new_dist):
             return masked_mean(actor.head.kl(old_dist, new_dist), batch.active)

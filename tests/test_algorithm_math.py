@@ -28,7 +28,7 @@ from algorithms.networks import Trunk
 from algorithms.trust_region import conjugate_gradient, flat_params, gauss_newton_fvp_fn, set_flat_params
 from algorithms.value_norm import ValueNorm
 from envs.base import AgentSpec, EnvSpec
-from train.config import Config
+from train.config import ALGORITHM_DEFAULTS, Config
 from utils.buffer import RolloutBuffer
 
 CPU = torch.device("cpu")
@@ -53,7 +53,9 @@ def discrete_spec(n_agents: int = 2, obs_dim: int = 4, n_actions: int = 5) -> En
 
 
 def build(cls, spec: EnvSpec, seed: int = 0, **overrides):
+    """An algorithm with ``load_config``'s per-algorithm defaults (HATRPO: no entropy bonus)."""
     torch.manual_seed(seed)
+    overrides = {**ALGORITHM_DEFAULTS.get(cls.__name__.lower(), {}), **overrides}
     return cls(make_config(**overrides), spec, CPU)
 
 
@@ -620,6 +622,38 @@ def test_hatrpo_step_accepted_within_trust_region(spec_fn, seed):
     assert any(not torch.equal(b, p) for b, p in zip(before, actor.parameters()))
     # the full step is scaled to the KL boundary, so the KL is of the order of the threshold
     assert kl > 0.05 * algo.config.kl_threshold
+
+
+@pytest.mark.parametrize("spec_fn", [continuous_spec, discrete_spec])
+def test_hatrpo_entropy_bonus_is_part_of_the_objective(spec_fn):
+    """Zero advantages: with no bonus there is nothing to improve and the policy stays put;
+    with one, the accepted step raises the mean entropy inside the trust region, and the
+    reported improvement is exactly c_ent times that rise."""
+    def mean_entropy(actor, batch):
+        with torch.no_grad():
+            entropy = actor.evaluate(batch.obs, batch.actions, None, batch.starts, batch.avail)[1]
+        return float(masked_mean(entropy, batch.active))
+
+    for coef in (0.0, 0.05):
+        algo, buf, batch, M = _hatrpo_case(spec_fn(2), 5, entropy_coef=coef)
+        batch = batch._replace(advantages=torch.zeros_like(batch.advantages))
+        actor = algo.actors[0]
+        if isinstance(actor.head, CategoricalHead):  # off the near-uniform start, the maximum
+            with torch.no_grad():
+                actor.head.logits.weight.mul_(100.0)
+        before = [p.detach().clone() for p in actor.parameters()]
+        old_dist = _old_dist(actor, batch)
+        h0 = mean_entropy(actor, batch)
+        stats = algo.actor_step(0, batch, M)
+        if coef == 0.0:
+            assert stats["accepted"] == 0.0 and stats["grad_norm"] < 1e-10
+            assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
+            continue
+        kl, _, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
+        h1 = mean_entropy(actor, batch)
+        assert stats["accepted"] == 1.0 and 0 < kl < algo.config.kl_threshold
+        assert h1 > h0
+        assert abs(stats["improvement"] - coef * (h1 - h0)) < 1e-6
 
 
 def test_hatrpo_step_rejected_restores_parameters_bitwise():

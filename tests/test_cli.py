@@ -161,6 +161,18 @@ def test_layering_defaults_task_yaml_user_file_flags(tmp_path):
     assert flagged.ppo_epoch == 3 and flagged.seed == 4  # the flag wins, the rest of the file stays
 
 
+def test_hatrpo_defaults_to_no_entropy_bonus_unless_a_file_or_flag_sets_one():
+    """The PPO family's entropy default (0.01) is not HATRPO's (the paper's objective has none).
+    Swimmer 2x1 has no task file, so the defaults show."""
+    bare = ["--scenario", "Swimmer", "--agent_conf", "2x1"]
+    assert load_config(bare + ["--algo", "happo"]).entropy_coef == 0.01
+    assert load_config(bare + ["--algo", "hatrpo"]).entropy_coef == 0.0
+    assert load_config(bare + ["--algo", "hatrpo", "--entropy_coef", "0.02"]).entropy_coef == 0.02
+    # Real SMAC's files (loading them needs the game) say 0.01 in common, for the PPO family.
+    for path in sorted((CONFIG_DIR / "smac").glob("*.yaml")):
+        assert yaml.safe_load(path.read_text())["hatrpo"]["entropy_coef"] == 0.0, path.name
+
+
 def test_booleans_and_dashed_aliases():
     assert load_config([]).use_valuenorm is True
     assert load_config(["--no-use_valuenorm"]).use_valuenorm is False

@@ -74,7 +74,7 @@ class Config:
     actor_num_mini_batch: int = 1
     critic_num_mini_batch: int = 1
     clip_param: float = 0.2
-    entropy_coef: float = 0.01
+    entropy_coef: float = 0.01  # entropy bonus of the actor objective (HATRPO: 0 unless set)
     value_loss_coef: float = 1.0
     max_grad_norm: float = 10.0
     use_huber_loss: bool = True
@@ -155,6 +155,10 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+# Defaults that differ by --algo, below the task file and the flags. HATRPO's objective in
+# the paper has no entropy term; the PPO family's reference default is 0.01.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {"hatrpo": {"entropy_coef": 0.0}}
 
 _FIELD_TYPES = get_type_hints(Config)
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
@@ -286,7 +290,7 @@ def load_config(argv: list[str]) -> Config:
     from envs.registry import check_task  # validates env family / scenario names
 
     check_task(probe)
-    resolved: dict[str, Any] = {}
+    resolved: dict[str, Any] = dict(ALGORITHM_DEFAULTS.get(probe["algo"], {}))
     task_file = task_config_path(probe)
     if task_file.exists():
         _apply(resolved, _sections(read_yaml(task_file), probe["algo"], task_file), str(task_file))
