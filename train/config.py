@@ -74,7 +74,7 @@ class Config:
     actor_num_mini_batch: int = 1
     critic_num_mini_batch: int = 1
     clip_param: float = 0.2
-    entropy_coef: float = 0.01  # entropy bonus of the actor objective (HATRPO: 0 unless set)
+    entropy_coef: float = 0.01  # actor entropy bonus; load_config gives HATRPO 0 (ALGORITHM_DEFAULTS)
     value_loss_coef: float = 1.0
     max_grad_norm: float = 10.0
     use_huber_loss: bool = True
