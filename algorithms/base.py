@@ -14,8 +14,9 @@ learns from the same data simultaneously (MAPPO optionally with one shared actor
 
 Shapes: T = episode_length, E = n_envs, N = n_agents, K = number of critics (1 for a
 centralised V(s), N for IPPO's per-agent V(o_i)). An actor "group" is the set of agents
-one actor network serves (one agent, or all agents with shared parameters); its batch
-folds agents into the env axis: B = E * len(group).
+one actor update serves (one agent, or all agents for MAPPO/IPPO with shared parameters;
+HAPPO/HATRPO with shared parameters keep one group per agent over one network); its
+batch folds agents into the env axis: B = E * len(group).
 """
 from __future__ import annotations
 
@@ -159,15 +160,30 @@ class OnPolicyMARL:
                 raise ConfigError(f"--share_param needs every agent to have the same observation and "
                                  f"action spaces; {spec.name} has {[(a.obs_dim, a.action_dim) for a in spec.agents]}"
                                  f" (use --no-share_param)")
-            self.groups = [list(range(n))]
+        # Update units ("groups"): MAPPO/IPPO with shared parameters fold every agent into one
+        # group (one update on all agents' data). HAPPO/HATRPO keep one update per agent (random
+        # order, M factor) even when the agents share one network, as the reference
+        # implementation's share_param does: the network then takes n sequential steps.
+        fold = config.share_param and not self.sequential
+        self.groups = [list(range(n))] if fold else [[i] for i in range(n)]
+        if config.share_param and not fold:
+            shared = Actor(spec.agents[0], config)
+            self.actors = nn.ModuleList([shared] * n).to(device)  # the same module n times
         else:
-            self.groups = [[i] for i in range(n)]
-        self.actors = nn.ModuleList([Actor(spec.agents[g[0]], config) for g in self.groups]).to(device)
+            self.actors = nn.ModuleList([Actor(spec.agents[g[0]], config) for g in self.groups]).to(device)
         # fused Adam: one kernel per step instead of ~10 small ops per parameter tensor, which
         # matters with many small mini-batches (~0.7 ms per step for a [64, 64, 64] actor on CPU).
-        self.actor_optims = [torch.optim.Adam(a.parameters(), lr=config.lr, eps=config.opti_eps,
-                                              weight_decay=config.weight_decay, fused=True)
-                             for a in self.actors]
+        # One optimiser per distinct network (a shared network's appears once per agent).
+        optims: dict[int, torch.optim.Optimizer] = {}
+        for a in self.actors:
+            if id(a) not in optims:
+                optims[id(a)] = torch.optim.Adam(a.parameters(), lr=config.lr, eps=config.opti_eps,
+                                                 weight_decay=config.weight_decay, fused=True)
+        self.actor_optims = [optims[id(a)] for a in self.actors]
+        # Rollout inference: (network, agents it serves); a shared network acts for all agents
+        # in one batch.
+        self.act_units = ([(self.actors[0], list(range(n)))] if config.share_param
+                          else list(zip(self.actors, self.groups)))
         critic_inputs = [spec.state_dim] if self.centralised_critic else [a.obs_dim for a in spec.agents]
         self.critics = nn.ModuleList([Critic(d, config) for d in critic_inputs]).to(device)
         self.critic_optims = [torch.optim.Adam(c.parameters(), lr=config.critic_lr, eps=config.opti_eps,
@@ -196,7 +212,7 @@ class OnPolicyMARL:
         self.hidden_shape = (trunk.recurrent_n, trunk.hidden_size)  # per agent
         self.chunk_length = config.data_chunk_length if config.use_recurrent_policy else None
         # Separate but identically shaped feed-forward actors act in one batched pass.
-        self.stackable = (len(self.groups) > 1 and not config.use_recurrent_policy
+        self.stackable = (len(self.act_units) > 1 and not config.use_recurrent_policy
                           and all(a == spec.agents[0] for a in spec.agents))
         self._stacked: StackedActors | None = None
         self.ratio_after_step: torch.Tensor | None = None  # see train()
@@ -220,14 +236,14 @@ class OnPolicyMARL:
         E = obs[0].shape[0]
         if self.stackable:
             if self._stacked is None:
-                self._stacked = StackedActors(list(self.actors))
+                self._stacked = StackedActors([a for a, _ in self.act_units])
             a, lp = self._stacked.act(torch.stack(obs), None if avail is None else torch.stack(avail),
                                       deterministic)
             return list(a.unbind(0)), lp.t(), None
         actions: list[Any] = [None] * self.spec.n_agents
         log_probs = torch.empty(E, self.spec.n_agents, device=self.device)
         next_hidden = torch.empty_like(hidden) if hidden is not None else None
-        for actor, group in zip(self.actors, self.groups):
+        for actor, group in self.act_units:
             n = len(group)
             if n == 1:
                 i = group[0]
@@ -383,7 +399,7 @@ class OnPolicyMARL:
         n_groups = len(self.groups)
         order = np.arange(n_groups) if (cfg.fixed_order or not self.sequential) else self.rng.permutation(n_groups)
         T, E = buf.rewards.shape
-        # With shared parameters there is one group (all agents): nothing precedes it, M = 1.
+        # MAPPO/IPPO have M = 1; so does a folded group of all agents (nothing precedes it).
         use_M = self.sequential and n_groups > 1
         M = torch.ones(T, E, device=self.device)
         for position, g in enumerate(order):

@@ -565,9 +565,40 @@ def test_mappo_gives_every_agent_m_equal_one():
 
 @pytest.mark.parametrize("cls", [HAPPO, HATRPO])
 def test_sequential_algorithms_with_shared_parameters(cls):
-    algo = build(cls, continuous_spec(2), share_param=True, ppo_epoch=1, actor_num_mini_batch=2)
-    buf = fill_buffer(algo, 4, 3, seed=2)
+    """One network for every agent, still updated once per agent in a random order with M
+    (the reference's share_param): agent 2's M is agent 1's ratio after its step."""
+    algo = build(cls, discrete_spec(3), share_param=True, ppo_epoch=2, actor_num_mini_batch=2,
+                 kl_threshold=0.05, seed=3)
+    assert algo.actors[0] is algo.actors[1] is algo.actors[2]
+    assert algo.actor_optims[0] is algo.actor_optims[2] and len(algo.act_units) == 1
+    before = [p.clone() for p in algo.actors[0].parameters()]
+    buf = fill_buffer(algo, 6, 4, seed=2)
+    calls, ratios = [], []
+
+    def step(g, batch, M):  # the real step, then the agent's ratio under the shared network
+        calls.append({"g": g, "M": M.clone()})
+        out = cls.actor_step(algo, g, batch, M)
+        ratios.append(algo.new_ratio(g, batch))
+        algo.ratio_after_step = None
+        return out
+    algo.actor_step = step
     algo.train(buf)
+    assert sorted(c["g"] for c in calls) == [0, 1, 2]
+    assert torch.equal(calls[0]["M"], torch.ones(6, 4))
+    assert torch.allclose(calls[1]["M"], ratios[0]) and (ratios[0] - 1).abs().max() > 1e-4
+    assert torch.allclose(calls[2]["M"], ratios[0] * ratios[1])
+    assert any(not torch.equal(a, b) for a, b in zip(before, algo.actors[0].parameters()))
+    twin = build(cls, discrete_spec(3), share_param=True, seed=9)  # checkpoint round trip
+    twin.load_state_dict(algo.state_dict())
+    assert twin.actors[0] is twin.actors[2]
+    assert all(torch.equal(a, b) for a, b in zip(twin.actors[0].parameters(), algo.actors[0].parameters()))
+
+
+def test_mappo_with_shared_parameters_updates_all_agents_at_once():
+    algo = build(MAPPO, discrete_spec(3), share_param=True, ppo_epoch=1)
+    calls = record_actor_steps(algo, HAPPO.actor_step)
+    algo.train(fill_buffer(algo, 5, 2, seed=4))
+    assert len(calls) == 1 and calls[0]["batch"].obs.shape[:2] == (5, 2 * 3)
 
 
 # ---------------------------------------------------------------------------- 9. HATRPO
