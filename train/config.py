@@ -84,7 +84,7 @@ class Config:
     use_policy_active_masks: bool = True  # dead agents out of actor loss and entropy
     use_value_active_masks: bool = True  # dead agents out of per-agent critic losses
     fixed_order: bool = False  # ablation: update agents in index order, not shuffled
-    share_param: bool = False  # one actor for all agents (MAPPO default)
+    share_param: bool = False  # one actor for all agents (MAPPO default; HAPPO/HATRPO step it once per agent)
     parallel_critic: bool = False  # also train the critic on its own thread with 2+ torch threads
     # (with 1 torch thread it always does: 1.25x on the 2-core bench; with 2+ they contend)
 
