@@ -166,29 +166,25 @@ class OnPolicyMARL:
         # implementation's share_param does: the network then takes n sequential steps.
         fold = config.share_param and not self.sequential
         self.groups = [list(range(n))] if fold else [[i] for i in range(n)]
-        if config.share_param and not fold:
-            shared = Actor(spec.agents[0], config)
-            self.actors = nn.ModuleList([shared] * n).to(device)  # the same module n times
-        else:
-            self.actors = nn.ModuleList([Actor(spec.agents[g[0]], config) for g in self.groups]).to(device)
         # fused Adam: one kernel per step instead of ~10 small ops per parameter tensor, which
         # matters with many small mini-batches (~0.7 ms per step for a [64, 64, 64] actor on CPU).
-        # One optimiser per distinct network (a shared network's appears once per agent).
-        optims: dict[int, torch.optim.Optimizer] = {}
-        for a in self.actors:
-            if id(a) not in optims:
-                optims[id(a)] = torch.optim.Adam(a.parameters(), lr=config.lr, eps=config.opti_eps,
-                                                 weight_decay=config.weight_decay, fused=True)
-        self.actor_optims = [optims[id(a)] for a in self.actors]
+        def adam(net: nn.Module, lr: float) -> torch.optim.Optimizer:
+            return torch.optim.Adam(net.parameters(), lr=lr, eps=config.opti_eps,
+                                    weight_decay=config.weight_decay, fused=True)
+        if config.share_param:  # one network and one optimiser, listed once per group
+            shared = Actor(spec.agents[0], config).to(device)
+            self.actors = nn.ModuleList([shared] * len(self.groups))
+            self.actor_optims = [adam(shared, config.lr)] * len(self.groups)
+        else:
+            self.actors = nn.ModuleList([Actor(spec.agents[g[0]], config) for g in self.groups]).to(device)
+            self.actor_optims = [adam(a, config.lr) for a in self.actors]
         # Rollout inference: (network, agents it serves); a shared network acts for all agents
         # in one batch.
         self.act_units = ([(self.actors[0], list(range(n)))] if config.share_param
                           else list(zip(self.actors, self.groups)))
         critic_inputs = [spec.state_dim] if self.centralised_critic else [a.obs_dim for a in spec.agents]
         self.critics = nn.ModuleList([Critic(d, config) for d in critic_inputs]).to(device)
-        self.critic_optims = [torch.optim.Adam(c.parameters(), lr=config.critic_lr, eps=config.opti_eps,
-                                               weight_decay=config.weight_decay, fused=True)
-                              for c in self.critics]
+        self.critic_optims = [adam(c, config.critic_lr) for c in self.critics]
         self.value_norms = nn.ModuleList([ValueNorm() for _ in self.critics]).to(device)
         self.rng = np.random.default_rng(config.seed)
         # The critic's update depends on neither the actors' updates nor the next rollout, so
