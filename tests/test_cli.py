@@ -180,6 +180,11 @@ def test_booleans_and_dashed_aliases():
     assert load_config(["--no-use_valuenorm", "--use_valuenorm"]).use_valuenorm is True  # last one wins
     config = load_config(["--num-env-steps", "1234", "--n-rollout-threads", "3", "--hidden-sizes", "8,4"])
     assert (config.num_env_steps, config.n_rollout_threads, config.hidden_sizes) == (1234, 3, [8, 4])
+    # List flags take space- or comma-separated values; a non-integer names the flag.
+    assert load_config(["--hidden_sizes", "8", "4", "--seed", "2"]).hidden_sizes == [8, 4]
+    assert load_config(["--hidden_sizes", "8,", "4"]).hidden_sizes == [8, 4]
+    with pytest.raises(ConfigError, match="hidden_sizes expects"):
+        load_config(["--hidden_sizes", "8", "x"])
     assert load_config(["--num_env_steps", "1e4"]).num_env_steps == 10_000
 
 

@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         kind = _FIELD_TYPES[name]
         if kind is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction)
+        elif kind == list[int]:  # "--hidden_sizes 64 64" and "--hidden_sizes 64,64" alike
+            parser.add_argument(*flags, dest=name, nargs="+", metavar="N")
         else:
             parser.add_argument(*flags, dest=name, type=str, metavar=name.upper())
     return parser
@@ -271,7 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_flags(argv: list[str]) -> dict[str, Any]:
     """Parse command-line flags into a dict of the flags actually given."""
-    return vars(build_parser().parse_args(argv))
+    flags = vars(build_parser().parse_args(argv))
+    # A list flag's words are joined back into the one string ``_coerce`` splits.
+    return {k: " ".join(v) if isinstance(v, list) else v for k, v in flags.items()}
 
 
 def task_config_path(values: dict[str, Any]) -> Path:
