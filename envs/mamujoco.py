@@ -101,8 +101,11 @@ class MaMuJoCoVecEnv(VecEnv):
         self._act_perm = np.concatenate([
             np.array([node.act_ids for node in part], dtype=np.int64).reshape(-1)
             for part in first.agent_action_partitions])
-        self._obs_index = [np.asarray(first.observation_factorization[a]) for a in agents]
-        self._fast_obs = self._index_map_matches(self._make)
+        # Scenarios without a node-based observation map (Reacher, Pusher: no
+        # observation_structure) build local observations in the wrapper's own _get_obs.
+        factorization = first.observation_factorization
+        self._obs_index = None if factorization is None else [np.asarray(factorization[a]) for a in agents]
+        self._fast_obs = factorization is not None and self._index_map_matches(self._make)
         obs_dims = [int(first.observation_space(a).shape[0]) for a in agents]
         act_dims = [int(first.action_space(a).shape[0]) for a in agents]
         state_dim = int(first.state().shape[0])

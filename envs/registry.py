@@ -19,6 +19,25 @@ FAMILIES = {
 }
 
 
+# The flags that pick a task in each family; given for another family they would be ignored.
+TASK_FLAGS = {
+    "mamujoco": ("scenario", "agent_conf", "agent_obsk"),
+    "smax": ("map_name",),
+    "smac": ("map_name",),
+}
+
+
+def check_task_flags(env: str, given: Any) -> None:
+    """Raise ConfigError for a task flag (among ``given`` names) that ``env`` does not read."""
+    own = TASK_FLAGS.get(env)
+    if own is None:
+        return
+    for name in given:
+        if name not in own and any(name in flags for flags in TASK_FLAGS.values()):
+            raise ConfigError(f"--{name} does not apply to --env {env} (it takes "
+                              f"{', '.join('--' + f for f in own)})")
+
+
 def family(name: str):
     if name not in FAMILIES:
         raise ConfigError(f"--env must be one of {', '.join(FAMILIES)}; got {name!r}")

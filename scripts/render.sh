@@ -5,8 +5,6 @@
 # Default output: <run dir>/video.mp4. MaMuJoCo renders off-screen with MUJOCO_GL=egl
 # unless MUJOCO_GL is set (osmesa works where EGL does not). Relative paths are taken
 # from the directory the script is called from.
-here="$PWD"
 source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-cd "$here"
 export MUJOCO_GL="${MUJOCO_GL:-egl}"
 exec "$PYTHON" -m train.render "$@"

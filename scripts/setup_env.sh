@@ -18,4 +18,4 @@ fi
 export PYTHON="$VENV/bin/python"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
-cd "$ROOT"
+# No cd: relative paths in flags (--results_dir, --config) are taken from the caller's directory.

@@ -59,6 +59,8 @@ BAD_FLAGS = {
     "non-numeric lr": (["--lr", "abc"], ["lr", "abc"]),
     "fractional int": (["--num_env_steps", "1.5"], ["num_env_steps", "1.5"]),
     "unknown flag": (["--learning_rate", "1"], ["--learning_rate"]),
+    "misspelled flag": (["--num_env_step", "1000"], ["--num_env_step", "did you mean --num_env_steps?"]),
+    "boolean with a value": (["--use_valuenorm", "false"], ["false", "--no-x"]),
     "abbreviated flag": (["--num_env", "100"], ["--num_env"]),  # no argparse prefix matching
     "missing value": (["--seed"], ["--seed"]),
     "bad boolean value": (["--share_param", "maybe"], ["maybe"]),
@@ -70,6 +72,18 @@ BAD_FLAGS = {
     "unknown env family": (["--env", "nosuch"], ["--env"]),
     "eval_only without model": (["--eval_only"], ["--model_dir"]),
     "eval_only missing model": (["--eval_only", "--model_dir", "/no/such/run"], ["--model_dir", "/no/such/run"]),
+    "model_dir without eval_only": (["--model_dir", "/tmp"], ["--model_dir", "--eval_only", "--resume"]),
+    "negative seed": (["--seed", "-1"], ["--seed", "-1"]),
+    "seed beyond 2**32": (["--seed", "99999999999"], ["--seed", "99999999999"]),
+    "negative clip": (["--clip_param", "-0.2"], ["--clip_param", "-0.2"]),
+    "negative grad norm": (["--max_grad_norm", "-1"], ["--max_grad_norm", "-1"]),
+    "negative entropy": (["--entropy_coef", "-1"], ["--entropy_coef", "-1"]),
+    "nan clip": (["--clip_param", "nan"], ["--clip_param", "nan"]),
+    "gamma above 1": (["--gamma", "1.5"], ["--gamma", "1.5"]),
+    "nested exp_name": (["--exp_name", "a/b"], ["--exp_name", "a/b"]),
+    "empty exp_name": (["--exp_name", ""], ["--exp_name"]),
+    "flag of another env family": (["--map_name", "3m"], ["--map_name", "--env mamujoco", "--scenario"]),
+    "budget below one iteration": (["--num_env_steps", "50"], ["--num_env_steps", "50", "100 env steps"]),
 }
 
 
@@ -178,8 +192,8 @@ def test_booleans_and_dashed_aliases():
     assert load_config(["--no-use_valuenorm"]).use_valuenorm is False
     assert load_config(["--no-use-valuenorm"]).use_valuenorm is False
     assert load_config(["--no-use_valuenorm", "--use_valuenorm"]).use_valuenorm is True  # last one wins
-    config = load_config(["--num-env-steps", "1234", "--n-rollout-threads", "3", "--hidden-sizes", "8,4"])
-    assert (config.num_env_steps, config.n_rollout_threads, config.hidden_sizes) == (1234, 3, [8, 4])
+    config = load_config(["--num-env-steps", "12345", "--n-rollout-threads", "3", "--hidden-sizes", "8,4"])
+    assert (config.num_env_steps, config.n_rollout_threads, config.hidden_sizes) == (12345, 3, [8, 4])
     # List flags take space- or comma-separated values; a non-integer names the flag.
     assert load_config(["--hidden_sizes", "8", "4", "--seed", "2"]).hidden_sizes == [8, 4]
     assert load_config(["--hidden_sizes", "8,", "4"]).hidden_sizes == [8, 4]
@@ -268,3 +282,17 @@ def test_garbage_checkpoint_real_process(tmp_path):
                           env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=120)
     assert_usage_error(proc.returncode, proc.stderr, "--resume")
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"\x80\x04garbage" * 10
+
+
+def test_launch_scripts_take_paths_from_the_callers_directory(tmp_path):
+    """``bash scripts/train_*.sh`` from another directory: a relative --results_dir lands
+    there (not in the repository), and the missing-StarCraft error is one line, status 2."""
+    env = {k: v for k, v in os.environ.items() if k != "SC2PATH"}
+    env["SC2PATH"] = str(tmp_path / "no-starcraft")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train_mujoco.sh"), *SMALL, "--results_dir", "rel",
+                           "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert list((tmp_path / "rel").rglob("summary.json"))
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train_smac.sh"), "--env", "smac", "--map_name", "3s5z"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert_usage_error(proc.returncode, proc.stderr, "install_sc2.sh", "--env smax")

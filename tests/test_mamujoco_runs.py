@@ -104,12 +104,14 @@ def test_halfcheetah_2x3_every_algorithm(tmp_path, algo):
 HETEROGENEOUS = [
     ("Hopper", "3x1", ["--agent_obsk", "1"], "Hopper-3x1", 3, "obs [8, 9, 8], actions [1, 1, 1]"),
     ("Humanoid", "9|8", [], "Humanoid-9_8", 2, "obs [236, 167], actions [9, 8]"),
+    # No node-based observation map in the wrapper (observation_factorization is None).
+    ("Pusher", "3p", [], "Pusher-3p", 3, "obs [15, 11, 15], actions [3, 1, 3]"),
 ]
 
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("scenario,conf,extra,task,n_agents,spaces", HETEROGENEOUS,
-                         ids=["Hopper-3x1-k1", "Humanoid-9|8"])
+                         ids=["Hopper-3x1-k1", "Humanoid-9|8", "Pusher-3p"])
 def test_heterogeneous_agents(tmp_path, capsys, algo, scenario, conf, extra, task, n_agents, spaces):
     no_share = ["--no-share_param"] if algo in ("mappo", "ippo") else []
     rc = train(tmp_path, "--algo", algo, "--scenario", scenario, "--agent_conf", conf, *extra, *no_share,
@@ -131,6 +133,7 @@ def test_share_param_on_heterogeneous_task_exits_2(tmp_path, capsys, scenario, c
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "share_param" in err, err
     assert not list(tmp_path.rglob("metrics.csv")) and not list(tmp_path.rglob("last.pt"))
+    assert not list(tmp_path.rglob("seed-1")), "an empty run directory was left behind"
 
 
 def test_halfcheetah_6x1_six_agents(tmp_path, capsys):
@@ -205,6 +208,25 @@ def test_eval_only_prints_json(tmp_path, capsys):
     assert main(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()} == before  # read-only
+    # Settings not given come from the run, so a bare evaluation repeats the run's own last one.
+    assert main(["--eval_only", "--model_dir", str(directory)]) == 0
+    summary = json.loads((directory / "summary.json").read_text())
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["eval_return"] == summary["eval_return_mean"]
+    # A flag --eval_only would ignore is an error, not silently dropped.
+    assert main(["--eval_only", "--model_dir", str(directory), "--seed", "5"]) == 2
+    assert "--seed has no effect with --eval_only" in capsys.readouterr().err
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, capsys):
+    assert train(tmp_path, "--num_env_steps", "100") == 0
+    directory = run_dir(tmp_path, "happo")
+    capsys.readouterr()
+    before = {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
+    assert main(["--resume", str(directory)]) == 0
+    assert "already at 100 env steps" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()} == before
+    assert main(["--resume", str(directory), "--config", "my.yaml"]) == 2
+    assert "--config cannot be used with --resume" in capsys.readouterr().err
 
 
 # -- subprocesses: SIGINT and wandb ---------------------------------------------------------------

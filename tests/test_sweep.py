@@ -113,7 +113,7 @@ def test_bad_flags_are_rejected_before_anything_starts(tmp_path, capsys):
     (["--seed", "1", "--seeds", "2,3"], "not both"),
     (["--seeds", "1,,2"], "empty item"),
     (["--seeds", "1,2", "--max_parallel", "0"], "--max_parallel must be a positive integer"),
-    (["--map_name", "3m,8m"], "would share the run directory"),
+    (["--map_name", "3m,8m"], "--map_name does not apply to --env mamujoco"),
     (["--seeds", "1,2", "--resume", "somewhere"], "cannot be part of a sweep"),
 ])
 def test_other_sweep_errors(tmp_path, capsys, flags, message):

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from train.sweep import drop_flag
+from train.sweep import absolutize_paths, drop_flag
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         base = Path(_flag_value(flags, "--results_dir", "--results-dir") or "results")
         flags = drop_flag(flags, "--results_dir", "--results-dir")
         chaos_dir = Path(opts.chaos_dir) if opts.chaos_dir else base / "chaos" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        # The runs start in the repository root: paths relative to here must not move.
+        chaos_dir = chaos_dir.absolute()
+        flags = absolutize_paths(flags)
         config = load_config(flags)  # validates every flag before anything runs
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

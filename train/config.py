@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -119,19 +121,37 @@ class Config:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"--{name} must be a positive integer; got {value}")
-        for name in ("lr", "critic_lr", "gamma", "kl_threshold", "backtrack_coeff", "huber_delta"):
+        for name in FIELDS:  # NaN and inf pass every comparison below the wrong way
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{name} must be a finite number; got {value}")
+        for name in ("lr", "critic_lr", "gamma", "kl_threshold", "backtrack_coeff", "huber_delta",
+                     "clip_param", "max_grad_norm", "std_x_coef", "std_y_coef"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0; got {getattr(self, name)}")
-        if not 0 <= self.gae_lambda <= 1 or not 0 < self.gamma <= 1:
-            raise ConfigError("--gamma must be in (0, 1] and --gae_lambda in [0, 1]")
-        if self.max_env_restarts < 0 or self.agent_obsk < 0 or self.torch_threads < 0:
-            raise ConfigError("--max_env_restarts, --agent_obsk and --torch_threads must be >= 0")
+        for name in ("entropy_coef", "value_loss_coef", "cg_damping", "weight_decay", "accept_ratio",
+                     "opti_eps", "gain", "max_env_restarts", "agent_obsk", "torch_threads"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"--gamma must be in (0, 1]; got {self.gamma}")
+        if not 0 <= self.gae_lambda <= 1:
+            raise ConfigError(f"--gae_lambda must be in [0, 1]; got {self.gae_lambda}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"--seed must be in [0, 2**32 - 1]; got {self.seed}")
+        if not self.exp_name or self.exp_name in (".", "..") or "/" in self.exp_name or "\\" in self.exp_name:
+            raise ConfigError(f"--exp_name must be a non-empty name without '/' (one directory level); "
+                              f"got {self.exp_name!r}")
         if not self.hidden_sizes or min(self.hidden_sizes) <= 0:
             raise ConfigError(f"--hidden_sizes must be positive integers; got {self.hidden_sizes}")
         if self.activation not in ("relu", "tanh"):
             raise ConfigError(f"--activation must be relu or tanh; got {self.activation!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N]; got {self.device!r}")
+        per_iteration = self.n_rollout_threads * self.episode_length
+        if self.num_env_steps < per_iteration:
+            raise ConfigError(f"--num_env_steps ({self.num_env_steps}) is less than one iteration: "
+                              f"--n_rollout_threads x --episode_length = {per_iteration} env steps")
         if self.n_rollout_threads % self.n_env_workers:
             raise ConfigError(f"--n_rollout_threads ({self.n_rollout_threads}) must be divisible "
                               f"by --n_env_workers ({self.n_env_workers})")
@@ -199,7 +219,7 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             return [int(v) for v in value]
     except (TypeError, ValueError):
         pass
-    type_name = getattr(kind, "__name__", str(kind))
+    type_name = "a list of integers (e.g. 64,64)" if kind == list[int] else getattr(kind, "__name__", str(kind))
     raise ConfigError(f"{source}: {name} expects {type_name}; got {value!r}")
 
 
@@ -248,6 +268,16 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports bad flags as a ConfigError (one line, exit status 2)."""
 
     def error(self, message: str):  # type: ignore[override]
+        prefix = "unrecognized arguments: "
+        if message.startswith(prefix):
+            token = message[len(prefix):].split()[0]
+            if token.lower() in ("true", "false", "yes", "no", "0", "1"):
+                message += " (booleans take no value: --x or --no-x)"
+            elif token.startswith("--"):
+                known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+                close = difflib.get_close_matches(token.partition("=")[0], known, n=1)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
         raise ConfigError(message)
 
 
@@ -291,9 +321,10 @@ def load_config(argv: list[str]) -> Config:
     _apply(values, flags, "command line")
     defaults = Config()
     probe = {**defaults.to_dict(), **values}
-    from envs.registry import check_task  # validates env family / scenario names
+    from envs.registry import check_task, check_task_flags  # env families and their task names
 
     check_task(probe)
+    check_task_flags(probe["env"], values)
     resolved: dict[str, Any] = dict(ALGORITHM_DEFAULTS.get(probe["algo"], {}))
     task_file = task_config_path(probe)
     if task_file.exists():

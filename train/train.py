@@ -41,8 +41,14 @@ def resume_config(argv: list[str]) -> tuple[Config, dict]:
 
     flags = parse_flags(argv)
     run_dir = Path(flags["resume"])
+    if run_dir.is_file():
+        raise ConfigError(f"--resume takes the run directory, not a file; got {run_dir}")
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
+    for key in ("config", "model_dir", "eval_only"):
+        if key in flags:
+            raise ConfigError(f"--{key} cannot be used with --resume: a resumed run keeps its own "
+                              "config (runtime flags such as --num_env_steps still apply)")
     checkpoint = None
     if not checkpoint_path(run_dir).exists() and (run_dir / "config.yaml").exists():
         # Stopped before its first checkpoint: nothing was kept, start it again from its config.
@@ -65,7 +71,11 @@ def resume_config(argv: list[str]) -> tuple[Config, dict]:
     return dataclasses.replace(saved, **overrides).validate(), checkpoint
 
 
-def evaluate_only(config: Config) -> int:
+# What --eval_only takes from the command line; everything else is the run's own config.
+EVAL_SETTINGS = ("eval_episodes", "n_eval_rollout_threads", "device", "torch_threads")
+
+
+def evaluate_only(config: Config, argv: list[str]) -> int:
     import torch
 
     from envs.registry import make_vec_env
@@ -79,9 +89,14 @@ def evaluate_only(config: Config) -> int:
         checkpoint = load_checkpoint(Path(config.model_dir))
     except CheckpointError as exc:
         raise ConfigError(f"--model_dir: {exc}") from None
+    given = parse_flags(argv)
+    ignored = [k for k in given if k not in ("eval_only", "model_dir", *EVAL_SETTINGS)]
+    if ignored:
+        raise ConfigError(f"--{ignored[0]} has no effect with --eval_only: the run's own config is used; "
+                          f"only --{', --'.join(EVAL_SETTINGS)} apply")
     saved = config_from_dict(checkpoint["config"], f"{config.model_dir}")
-    flags = {k: getattr(config, k) for k in ("eval_episodes", "n_eval_rollout_threads", "device", "torch_threads")}
-    saved = dataclasses.replace(saved, **flags)
+    # Unset ones keep the run's values, so a bare evaluation repeats the run's own.
+    saved = dataclasses.replace(saved, **{k: getattr(config, k) for k in EVAL_SETTINGS if k in given}).validate()
     set_threads(saved.torch_threads)
     device = resolve_device(saved.device)
     # The same evaluation seeds as the run's own evaluation at this checkpoint, so the
@@ -124,25 +139,43 @@ def main(argv: list[str] | None = None) -> int:
         return sweep_main(argv)
     try:
         flags = parse_flags(argv)
+        new_dirs: list[Path] = []  # directories this start creates
         if flags.get("resume"):
             config, checkpoint = resume_config(argv)
             run_dir = Path(config.resume)
+            done = checkpoint["counters"]["env_steps"] if checkpoint else 0
+            # Without summary.json it stopped after its last checkpoint: the runner writes it.
+            if done >= config.num_env_steps and (run_dir / "summary.json").exists():
+                print(f"{run_dir} is already at {done} env steps (--num_env_steps {config.num_env_steps}); "
+                      "nothing to do: raise --num_env_steps to train on", flush=True)
+                return 0
         else:
             config, checkpoint = load_config(argv), None
             if config.eval_only:
-                return evaluate_only(config)
+                return evaluate_only(config, argv)
+            if config.model_dir:
+                raise ConfigError("--model_dir is read only with --eval_only; to continue a run use "
+                                  "--resume <run dir>")
             run_dir = run_dir_for(config)
             ensure_writable(Path(config.results_dir), "--results_dir")
             if (run_dir / "checkpoints").exists() or (run_dir / "metrics.csv").exists():
                 raise ConfigError(f"run directory {run_dir} already holds a run; continue it with "
                                   f"--resume {run_dir} or choose another --exp_name/--seed")
+            new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
             ensure_writable(run_dir, "--results_dir")
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
 
-        threads = set_threads(config.torch_threads)
-        device = resolve_device(config.device)
-        runner = Runner(config, run_dir, device, checkpoint)
+        try:
+            threads = set_threads(config.torch_threads)
+            device = resolve_device(config.device)
+            runner = Runner(config, run_dir, device, checkpoint)
+        except ConfigError:
+            if checkpoint is None:  # rejected while building (e.g. --share_param on unequal agents)
+                for d in new_dirs:  # leave no empty run directory behind
+                    if d.is_dir() and not any(d.iterdir()):
+                        d.rmdir()
+            raise
         if checkpoint is None:
             save_config(config, run_dir / "config.yaml")
         print(f"{config.algo} on {runner.spec.name}: {runner.spec.n_agents} agents, obs "
