@@ -70,12 +70,20 @@ def check_task(values: dict[str, Any]) -> None:
     _import_mamujoco()
     from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
 
-    try:
-        get_parts_and_edges(scenario, agent_conf)
-    except Exception:  # the library raises bare Exceptions for unknown partitions
+    def known(conf: str) -> bool:
+        try:
+            get_parts_and_edges(scenario, conf)
+            return True
+        except Exception:  # the library raises bare Exceptions for unknown partitions
+            return False
+
+    if not known(agent_conf):
+        # The library has no list of partitions: try the ones it defines for some body.
+        valid = [c for c in ("2x1", "2x3", "6x1", "2x4", "2x4d", "4x2", "3x1", "9|8", "3p") if known(c)]
+        hint = (f"known: {', '.join(valid)}" if valid
+                else f"MaMuJoCo defines no multi-agent partition of {scenario}")
         raise ConfigError(f"--agent_conf {agent_conf!r} is not a partition MaMuJoCo knows for "
-                          f"{scenario} (e.g. HalfCheetah 2x3/6x1, Ant 2x4/4x2, Hopper 3x1, "
-                          f"Walker2d 2x3, Humanoid 9|8)") from None
+                          f"{scenario} ({hint})")
 
 
 class MaMuJoCoVecEnv(VecEnv):

@@ -83,6 +83,7 @@ BAD_FLAGS = {
     "nested exp_name": (["--exp_name", "a/b"], ["--exp_name", "a/b"]),
     "empty exp_name": (["--exp_name", ""], ["--exp_name"]),
     "flag of another env family": (["--map_name", "3m"], ["--map_name", "--env mamujoco", "--scenario"]),
+    "partition of another body": (["--agent_conf", "4x2"], ["--agent_conf", "known: 2x3, 6x1"]),
     "budget below one iteration": (["--num_env_steps", "50"], ["--num_env_steps", "50", "100 env steps"]),
 }
 
@@ -118,7 +119,7 @@ def test_unwritable_results_dir(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory\n")
     rc, out, err = run_main(capsys, [*TINY, "--results_dir", str(blocker / "results"), "--num_env_steps", "100"])
-    assert_usage_error(rc, err, "--results_dir", str(blocker / "results"))
+    assert_usage_error(rc, err, "--results_dir", str(blocker / "results"), "is a file")
     assert blocker.read_text() == "not a directory\n"
 
 
@@ -151,11 +152,12 @@ def test_config_unknown_key_in_another_algorithms_section(tmp_path, capsys):
 
 @pytest.mark.parametrize("text,needles", [
     ("common: [1, 2\n  x: : :\n", ["not valid YAML"]),
+    ("common:\n  lr: 0.1\n   bad: : x\n", ["not valid YAML (line 3, column 7)"]),
     ("- 1\n- 2\n", ["mapping"]),
     ("common: 5\n", ["common", "mapping"]),
     ("common:\n  lr: abc\n", ["lr", "abc"]),
     ("happo:\n  ppo_epoch: 2.5\n", ["ppo_epoch"]),
-], ids=["malformed", "top-level-list", "section-not-mapping", "bad-float", "bad-int"])
+], ids=["malformed", "malformed-line", "top-level-list", "section-not-mapping", "bad-float", "bad-int"])
 def test_bad_config_file(tmp_path, capsys, text, needles):
     path = write(tmp_path / "user.yaml", text)
     rc, out, err = run_main(capsys, [*SMALL, "--config", str(path), "--results_dir", str(tmp_path / "r")])

@@ -26,6 +26,9 @@ def run_dir_for(config: Config) -> Path:
 
 
 def ensure_writable(directory: Path, flag: str) -> None:
+    existing = next((d for d in (directory, *directory.parents) if d.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{flag} {directory}: {existing} is a file, not a directory")
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe = directory / f".write-test-{os.getpid()}"
