@@ -517,7 +517,7 @@ def test_results_dir_under_a_regular_file(capsys, tmp_path):
     rc, out, err = run_main(capsys, [*TINY, "--results_dir", blocker / "results", "--num_env_steps", "100"])
     assert rc == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "--results_dir" in err, err
-    assert "not writable" in err and "Traceback" not in err
+    assert f"{blocker} is a file, not a directory" in err and "Traceback" not in err
     assert out == "", out  # nothing started: no banner, no run
     assert blocker.read_text() == "not a directory"
 
