@@ -58,7 +58,7 @@ REFERENCE_ROLLOUT = ["--episode_length", "200"]  # 20 envs x 200 steps, as the r
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(add_help=False)
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # as train.train
     parser.add_argument("--iterations", type=int, default=10)
     known, rest = parser.parse_known_args(argv)
     if known.iterations <= 0:

@@ -278,7 +278,7 @@ class _Parser(argparse.ArgumentParser):
                 message += " (booleans take no value: --x or --no-x)"
             elif token.startswith("--"):
                 known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-                close = difflib.get_close_matches(token.partition("=")[0], known, n=1)
+                close = difflib.get_close_matches(token.partition("=")[0], known, n=1, cutoff=0.75)
                 if close:
                     message += f" (did you mean {close[0]}?)"
         raise ConfigError(message)
