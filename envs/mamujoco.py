@@ -20,11 +20,13 @@ from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
 from train.config import ConfigError
 
 SCENARIOS = ("Ant", "HalfCheetah", "Hopper", "HumanoidStandup", "Humanoid", "Reacher", "Swimmer",
-             "Pusher", "Walker2d", "InvertedPendulum", "InvertedDoublePendulum",
-             "ManySegmentSwimmer", "ManySegmentAnt")
-# CoupledHalfCheetah is offered by gymnasium-robotics 1.4.2 but fails to build with mujoco 4
-# (an IndexError inside the library), so it is not offered here.
-BROKEN = {"CoupledHalfCheetah": "gymnasium-robotics 1.4.2's CoupledHalfCheetah fails to build with mujoco 4"}
+             "Pusher", "Walker2d", "ManySegmentSwimmer", "ManySegmentAnt")
+# Offered by gymnasium-robotics 1.4.2 but not here: CoupledHalfCheetah fails to build with
+# mujoco 4 (an IndexError inside the library); the inverted pendulums have no partition
+# into agents (they run only as one agent).
+BROKEN = {"CoupledHalfCheetah": "gymnasium-robotics 1.4.2's CoupledHalfCheetah fails to build with mujoco 4",
+          "InvertedPendulum": "MaMuJoCo defines no partition of it into agents",
+          "InvertedDoublePendulum": "MaMuJoCo defines no partition of it into agents"}
 
 
 def task_name(values: dict[str, Any]) -> str:

@@ -83,6 +83,7 @@ BAD_FLAGS = {
     "nested exp_name": (["--exp_name", "a/b"], ["--exp_name", "a/b"]),
     "empty exp_name": (["--exp_name", ""], ["--exp_name"]),
     "flag of another env family": (["--map_name", "3m"], ["--map_name", "--env mamujoco", "--scenario"]),
+    "body with no partition": (["--scenario", "InvertedPendulum"], ["--scenario", "no partition"]),
     "partition of another body": (["--agent_conf", "4x2"], ["--agent_conf", "known: 2x3, 6x1"]),
     "budget below one iteration": (["--num_env_steps", "50"], ["--num_env_steps", "50", "100 env steps"]),
 }
