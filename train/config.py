@@ -183,9 +183,9 @@ ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {"hatrpo": {"entropy_coef": 0.0}
 _FIELD_TYPES = get_type_hints(Config)
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Fields that describe where a run lives or how it is driven, not what it computes: they
-# may differ when a run is resumed or evaluated.
-RUNTIME_FIELDS = ("resume", "eval_only", "model_dir", "results_dir", "device", "torch_threads",
-                  "progress", "wandb", "tensorboard", "config", "max_env_restarts",
+# may differ when a run is resumed (--config, --model_dir and --eval_only are refused there).
+RUNTIME_FIELDS = ("resume", "results_dir", "device", "torch_threads",
+                  "progress", "wandb", "tensorboard", "max_env_restarts",
                   "num_env_steps", "n_env_workers", "parallel_critic")
 
 

@@ -38,11 +38,11 @@ def ensure_writable(directory: Path, flag: str) -> None:
         raise ConfigError(f"{flag} {directory} is not writable: {exc.strerror}") from None
 
 
-def resume_config(argv: list[str]) -> tuple[Config, dict]:
-    """Config of the run being resumed, with runtime flags (steps, device, ...) applied."""
+def resume_config(flags: dict) -> tuple[Config, dict]:
+    """Config of the run being resumed, with runtime flags (steps, device, ...) applied.
+    ``flags``: the flags on the command line (``parse_flags``)."""
     from utils.checkpoint import checkpoint_path, load_checkpoint
 
-    flags = parse_flags(argv)
     run_dir = Path(flags["resume"])
     if run_dir.is_file():
         raise ConfigError(f"--resume takes the run directory, not a file; got {run_dir}")
@@ -78,7 +78,8 @@ def resume_config(argv: list[str]) -> tuple[Config, dict]:
 EVAL_SETTINGS = ("eval_episodes", "n_eval_rollout_threads", "device", "torch_threads")
 
 
-def evaluate_only(config: Config, argv: list[str]) -> int:
+def evaluate_only(config: Config, given: dict) -> int:
+    """``given``: the flags on the command line (``parse_flags``)."""
     import torch
 
     from envs.registry import make_vec_env
@@ -92,7 +93,6 @@ def evaluate_only(config: Config, argv: list[str]) -> int:
         checkpoint = load_checkpoint(Path(config.model_dir))
     except CheckpointError as exc:
         raise ConfigError(f"--model_dir: {exc}") from None
-    given = parse_flags(argv)
     ignored = [k for k in given if k not in ("eval_only", "model_dir", *EVAL_SETTINGS)]
     if ignored:
         raise ConfigError(f"--{ignored[0]} has no effect with --eval_only: the run's own config is used; "
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         flags = parse_flags(argv)
         new_dirs: list[Path] = []  # directories this start creates
         if flags.get("resume"):
-            config, checkpoint = resume_config(argv)
+            config, checkpoint = resume_config(flags)
             run_dir = Path(config.resume)
             done = checkpoint["counters"]["env_steps"] if checkpoint else 0
             # Without summary.json it stopped after its last checkpoint: the runner writes it.
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             config, checkpoint = load_config(argv), None
             if config.eval_only:
-                return evaluate_only(config, argv)
+                return evaluate_only(config, flags)
             if config.model_dir:
                 raise ConfigError("--model_dir is read only with --eval_only; to continue a run use "
                                   "--resume <run dir>")
