@@ -127,13 +127,14 @@ def test_heterogeneous_agents(tmp_path, capsys, algo, scenario, conf, extra, tas
 
 @pytest.mark.parametrize("scenario,conf,extra", [("Humanoid", "9|8", []), ("Hopper", "3x1", ["--agent_obsk", "1"])])
 def test_share_param_on_heterogeneous_task_exits_2(tmp_path, capsys, scenario, conf, extra):
-    rc = train(tmp_path, "--algo", "mappo", "--scenario", scenario, "--agent_conf", conf, *extra,
+    results = tmp_path / "new" / "results"  # created by this start, so removed with the run dir
+    rc = train(results, "--algo", "mappo", "--scenario", scenario, "--agent_conf", conf, *extra,
                "--share_param", "--num_env_steps", "100")
     assert rc == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and "share_param" in err, err
     assert not list(tmp_path.rglob("metrics.csv")) and not list(tmp_path.rglob("last.pt"))
-    assert not list(tmp_path.rglob("seed-1")), "an empty run directory was left behind"
+    assert not list(tmp_path.iterdir()), "an empty run or results directory was left behind"
 
 
 def test_halfcheetah_6x1_six_agents(tmp_path, capsys):

@@ -160,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError("--model_dir is read only with --eval_only; to continue a run use "
                                   "--resume <run dir>")
             run_dir = run_dir_for(config)
+            new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
             ensure_writable(Path(config.results_dir), "--results_dir")
             if (run_dir / "checkpoints").exists() or (run_dir / "metrics.csv").exists():
                 raise ConfigError(f"run directory {run_dir} already holds a run; continue it with "
                                   f"--resume {run_dir} or choose another --exp_name/--seed")
-            new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
             ensure_writable(run_dir, "--results_dir")
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
