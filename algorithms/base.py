@@ -157,9 +157,10 @@ class OnPolicyMARL:
         if config.share_param:
             first = spec.agents[0]
             if any(a != first for a in spec.agents):
-                raise ConfigError(f"--share_param needs every agent to have the same observation and "
-                                 f"action spaces; {spec.name} has {[(a.obs_dim, a.action_dim) for a in spec.agents]}"
-                                 f" (use --no-share_param)")
+                default = " (MAPPO and IPPO share by default)" if config.algo in ("mappo", "ippo") else ""
+                raise ConfigError(f"--share_param{default} needs every agent to have the same observation "
+                                  f"and action spaces; {spec.name} has "
+                                  f"{[(a.obs_dim, a.action_dim) for a in spec.agents]}; use --no-share_param")
         # Update units ("groups"): MAPPO/IPPO with shared parameters fold every agent into one
         # group (one update on all agents' data). HAPPO/HATRPO keep one update per agent (random
         # order, M factor) even when the agents share one network, as the reference

@@ -554,7 +554,7 @@ def test_order_is_a_fresh_permutation_each_iteration():
 
 
 def test_mappo_gives_every_agent_m_equal_one():
-    algo = build(MAPPO, continuous_spec(3), ppo_epoch=2, lr=1e-2)
+    algo = build(MAPPO, continuous_spec(3), share_param=False, ppo_epoch=2, lr=1e-2)
     buf = fill_buffer(algo, 5, 3, seed=9)
     calls = record_actor_steps(algo, HAPPO.actor_step)
     algo.train(buf)

@@ -86,7 +86,7 @@ class Config:
     use_policy_active_masks: bool = True  # dead agents out of actor loss and entropy
     use_value_active_masks: bool = True  # dead agents out of per-agent critic losses
     fixed_order: bool = False  # ablation: update agents in index order, not shuffled
-    share_param: bool = False  # one actor for all agents (MAPPO default; HAPPO/HATRPO step it once per agent)
+    share_param: bool = False  # one actor for all agents (on by default for MAPPO / IPPO; HAPPO/HATRPO step it once per agent)
     parallel_critic: bool = False  # also train the critic on its own thread with 2+ torch threads
     # (with 1 torch thread it always does: 1.25x on the 2-core bench; with 2+ they contend)
 
@@ -178,15 +178,20 @@ class Config:
 
 # Defaults that differ by --algo, below the task file and the flags. HATRPO's objective in
 # the paper has no entropy term; the PPO family's reference default is 0.01.
-ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {"hatrpo": {"entropy_coef": 0.0}}
+# MAPPO and IPPO are the shared-parameter baselines (one actor for all agents, as in Yu et
+# al. 2022); --no-share_param gives one actor per agent, which unequal agents need.
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {"hatrpo": {"entropy_coef": 0.0},
+                                                 "mappo": {"share_param": True},
+                                                 "ippo": {"share_param": True}}
 
 _FIELD_TYPES = get_type_hints(Config)
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Fields that describe where a run lives or how it is driven, not what it computes: they
 # may differ when a run is resumed (--config, --model_dir and --eval_only are refused there).
+# Not --n_env_workers: a checkpoint holds the environments' state split over its workers.
 RUNTIME_FIELDS = ("resume", "results_dir", "device", "torch_threads",
                   "progress", "wandb", "tensorboard", "max_env_restarts",
-                  "num_env_steps", "n_env_workers", "parallel_critic")
+                  "num_env_steps", "parallel_critic")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
