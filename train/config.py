@@ -4,13 +4,22 @@ Every field below is a command-line flag (``--name`` and ``--name-with-dashes``)
 booleans are ``--x/--no-x``. Task files live in ``configs/<env>/<task>.yaml`` and hold a
 ``common:`` section plus one section per algorithm; unknown keys are errors, never
 silently dropped.
+
+The comment after each field (continued on comment lines right below it) is that flag's
+description in ``--help``, read from this source (``field_docs``); the ``# --- name ---``
+headers group the flags there.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import difflib
+import functools
+import inspect
+import io
 import math
+import re
+import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -20,6 +29,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 ALGORITHMS = ("happo", "hatrpo", "mappo", "ippo")
+ACTIVATIONS = ("relu", "tanh")
 
 
 class ConfigError(ValueError):
@@ -29,85 +39,85 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     # --- experiment -------------------------------------------------------------------
-    algo: str = "happo"  # happo | hatrpo | mappo | ippo
-    env: str = "mamujoco"  # environment family: mamujoco | smax | smac
+    algo: str = "happo"  # algorithm to train
+    env: str = "mamujoco"  # environment family
     exp_name: str = "default"  # free label, part of the run directory
-    seed: int = 1
-    results_dir: str = "results"
+    seed: int = 1  # seeds torch, numpy and the environments; the run directory ends in seed-<n>
+    results_dir: str = "results"  # runs go to <results_dir>/<env>/<task>/<algo>/<exp_name>/seed-<n>/
     config: str = ""  # extra YAML file (common:/<algo>: sections or flat keys)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # torch device; auto = cuda when available, else cpu
     torch_threads: int = 0  # 0 = auto: the cores left free at start-up, 1..4 (utils/device.py)
     resume: str = ""  # run directory to continue from its last checkpoint
     eval_only: bool = False  # evaluate --model_dir and exit, no training
     model_dir: str = ""  # run directory or checkpoint file for --eval_only
     wandb: bool = False  # also log to Weights & Biases (WANDB_MODE=offline works)
-    wandb_project: str = "harl-lite"
-    tensorboard: bool = True
-    max_env_restarts: int = 0  # restarts allowed for failing environment copies
-    progress: bool = True  # live progress line on the console
+    wandb_project: str = "harl-lite"  # Weights & Biases project, with --wandb
+    tensorboard: bool = True  # also write TensorBoard events to <run dir>/tb
+    max_env_restarts: int = 0  # restarts of a failed environment copy per run (each redoes its update)
+    progress: bool = True  # progress line (steps, sps, ETA, return) on stdout every --log_interval
 
     # --- environment --------------------------------------------------------------------
-    scenario: str = "HalfCheetah"  # MaMuJoCo body
+    scenario: str = "HalfCheetah"  # MaMuJoCo body, e.g. HalfCheetah, Ant, Walker2d
     agent_conf: str = "2x3"  # MaMuJoCo agent partition, e.g. 2x3, 6x1, 9|8
     agent_obsk: int = 0  # MaMuJoCo: observe joints up to k hops away
     map_name: str = "3m"  # SMAC / SMAX map
-    num_env_steps: int = 10_000_000
+    num_env_steps: int = 10_000_000  # training budget: env steps summed over the rollout envs
     n_rollout_threads: int = 20  # environments stepped in parallel
     n_env_workers: int = 1  # processes the rollout envs are split over (1 = in-process)
     episode_length: int = 200  # rollout length T per iteration
-    use_eval: bool = True
+    use_eval: bool = True  # evaluate the greedy policy every --eval_interval iterations and at the end
     eval_interval: int = 25  # iterations between evaluations
-    eval_episodes: int = 10
-    n_eval_rollout_threads: int = 10
+    eval_episodes: int = 10  # episodes per evaluation
+    n_eval_rollout_threads: int = 10  # evaluation environments in parallel (at most --eval_episodes)
     log_interval: int = 5  # iterations between metrics rows
     save_interval: int = 25  # iterations between checkpoints
 
     # --- optimisation -------------------------------------------------------------------
-    lr: float = 5e-4
-    critic_lr: float = 5e-4
-    opti_eps: float = 1e-5
-    weight_decay: float = 0.0
-    use_linear_lr_decay: bool = False
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
+    lr: float = 5e-4  # actor Adam learning rate (unused by HATRPO: its step size is --kl_threshold)
+    critic_lr: float = 5e-4  # critic Adam learning rate
+    opti_eps: float = 1e-5  # Adam epsilon
+    weight_decay: float = 0.0  # Adam L2 weight decay
+    use_linear_lr_decay: bool = False  # decay both learning rates linearly to 0 over --num_env_steps
+    gamma: float = 0.99  # discount factor
+    gae_lambda: float = 0.95  # GAE lambda
     use_proper_time_limits: bool = True  # bootstrap truncated episodes from V(final state)
-    ppo_epoch: int = 5
-    critic_epoch: int = 5
-    actor_num_mini_batch: int = 1
-    critic_num_mini_batch: int = 1
-    clip_param: float = 0.2
-    entropy_coef: float = 0.01  # actor entropy bonus; load_config gives HATRPO 0 (ALGORITHM_DEFAULTS)
-    value_loss_coef: float = 1.0
-    max_grad_norm: float = 10.0
-    use_huber_loss: bool = True
-    huber_delta: float = 10.0
-    use_clipped_value_loss: bool = True
-    use_valuenorm: bool = True
+    ppo_epoch: int = 5  # actor epochs per update (HAPPO / MAPPO / IPPO)
+    critic_epoch: int = 5  # critic epochs per update
+    actor_num_mini_batch: int = 1  # mini-batches per actor epoch (HAPPO / MAPPO / IPPO)
+    critic_num_mini_batch: int = 1  # mini-batches per critic epoch
+    clip_param: float = 0.2  # PPO ratio clip; also the value clip of --use_clipped_value_loss
+    entropy_coef: float = 0.01  # actor entropy bonus weight
+    value_loss_coef: float = 1.0  # critic loss weight
+    max_grad_norm: float = 10.0  # gradient norm clip of each Adam step (HATRPO: critics only)
+    use_huber_loss: bool = True  # Huber loss on the value error instead of squared error
+    huber_delta: float = 10.0  # Huber loss threshold
+    use_clipped_value_loss: bool = True  # PPO-style value clipping: max of clipped and unclipped loss
+    use_valuenorm: bool = True  # critics learn targets normalised by a running mean/std (ValueNorm)
     use_policy_active_masks: bool = True  # dead agents out of actor loss and entropy
     use_value_active_masks: bool = True  # dead agents out of per-agent critic losses
     fixed_order: bool = False  # ablation: update agents in index order, not shuffled
-    share_param: bool = False  # one actor for all agents (on by default for MAPPO / IPPO; HAPPO/HATRPO step it once per agent)
+    share_param: bool = False  # one actor for all agents (HAPPO/HATRPO still step it once per agent)
     parallel_critic: bool = False  # also train the critic on its own thread with 2+ torch threads
     # (with 1 torch thread it always does: 1.25x on the 2-core bench; with 2+ they contend)
 
     # --- HATRPO -------------------------------------------------------------------------
-    kl_threshold: float = 0.01
-    ls_step: int = 10
-    accept_ratio: float = 0.5
-    backtrack_coeff: float = 0.8
-    cg_iters: int = 10
-    cg_damping: float = 0.1
+    kl_threshold: float = 0.01  # trust region: bound delta on the mean KL(old || new) of each step
+    ls_step: int = 10  # most backtracking line-search trials per step (none accepted: no step)
+    accept_ratio: float = 0.5  # a trial needs improvement > accept_ratio x its linear prediction
+    backtrack_coeff: float = 0.8  # line-search trial k tries backtrack_coeff**k of the full step
+    cg_iters: int = 10  # most conjugate-gradient iterations solving H x = g for the step direction
+    cg_damping: float = 0.1  # damping added to the Fisher matrix: (H + cg_damping I) x = g
 
     # --- networks -----------------------------------------------------------------------
-    hidden_sizes: list[int] = field(default_factory=lambda: [128, 128, 128])
-    activation: str = "relu"  # relu | tanh
+    hidden_sizes: list[int] = field(default_factory=lambda: [128, 128, 128])  # actor and critic MLP widths
+    activation: str = "relu"  # hidden-layer activation
     use_feature_normalization: bool = True  # LayerNorm on the network input
-    gain: float = 0.01  # orthogonal init gain of the action head
-    std_x_coef: float = 1.0  # Gaussian std = sigmoid(log_std / x) * y
-    std_y_coef: float = 0.5
+    gain: float = 0.01  # orthogonal init gain of the actor's output layer (action mean or logits)
+    std_x_coef: float = 1.0  # Gaussian std = sigmoid(log_std / x) * y, log_std starting at x
+    std_y_coef: float = 0.5  # y in --std_x_coef's formula: the largest std of a continuous action
     use_recurrent_policy: bool = False  # GRU actor and critic
-    recurrent_n: int = 1
-    data_chunk_length: int = 10
+    recurrent_n: int = 1  # GRU layers, with --use_recurrent_policy
+    data_chunk_length: int = 10  # length of the GRU's training sequences, with --use_recurrent_policy
 
     # ---------------------------------------------------------------------------------
     def validate(self) -> "Config":
@@ -144,7 +154,7 @@ class Config:
                               f"got {self.exp_name!r}")
         if not self.hidden_sizes or min(self.hidden_sizes) <= 0:
             raise ConfigError(f"--hidden_sizes must be positive integers; got {self.hidden_sizes}")
-        if self.activation not in ("relu", "tanh"):
+        if self.activation not in ACTIVATIONS:
             raise ConfigError(f"--activation must be relu or tanh; got {self.activation!r}")
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N]; got {self.device!r}")
@@ -289,23 +299,148 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
+_SECTION = re.compile(r"#\s*---+\s*(.*?)\s*-*\s*$")  # "# --- name ----": a section; no name ends it
+
+
+def field_docs(cls: type | None = None) -> dict[str, tuple[str, str]]:
+    """``name -> (section, description)`` for each field of ``cls`` (default Config), read
+    from the class source: a field's trailing ``# comment``, joined with any comment-only
+    lines right below it, under the last ``# --- section ---`` header. The comments are the
+    only copy of the descriptions; ``--help`` shows them."""
+    return dict(_field_docs(Config if cls is None else cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_docs(cls: type) -> tuple[tuple[str, tuple[str, str]], ...]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # no source to read: flags without descriptions
+        return ()
+    docs: dict[str, list[str]] = {}
+    sections: dict[str, str] = {}
+    section, current, last, last_row = "", None, None, 0
+    depth, brackets, line_start = 0, 0, True  # depth 1: the class body
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    for k, tok in enumerate(tokens):
+        if tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.line.lstrip().startswith("#"):  # a comment on a line of its own
+                header = _SECTION.match(tok.string)
+                if header:
+                    section, last = header.group(1), None
+                elif last is not None and tok.start[0] == last_row + 1:
+                    docs[last].append(text)  # the description goes on
+                    last_row = tok.start[0]
+                else:
+                    last = None
+            elif current is not None and current not in docs:
+                docs[current], last, last_row = [text], current, tok.start[0]
+            continue
+        if tok.type in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+            depth += {tokenize.INDENT: 1, tokenize.DEDENT: -1}.get(tok.type, 0)
+            if tok.type == tokenize.NEWLINE:
+                current = None
+            line_start = brackets == 0
+            continue
+        if (line_start and depth == 1 and tok.type == tokenize.NAME and tok.string in names
+                and tokens[k + 1].string == ":"):
+            current = tok.string
+            sections[current] = section
+        if tok.type == tokenize.OP and tok.string in ("(", "[", "{"):
+            brackets += 1
+        elif tok.type == tokenize.OP and tok.string in (")", "]", "}"):
+            brackets -= 1
+        line_start = False
+    return tuple((name, (sections.get(name, ""), " ".join(t for t in docs.get(name, []) if t)))
+                 for name in names)
+
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    from envs.registry import FAMILIES  # names only: the family modules load on first use
+
+    return {"algo": ALGORITHMS, "env": tuple(FAMILIES), "activation": ACTIVATIONS,
+            "device": ("auto", "cpu", "cuda[:N]")}
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def flag_help(name: str, docs: dict[str, tuple[str, str]], choices: dict[str, tuple[str, ...]]) -> str:
+    """``--help`` text of one flag: its description, choices and default(s)."""
+    default = FIELDS[name].default
+    if default is dataclasses.MISSING:
+        default = FIELDS[name].default_factory()
+    shown = f"default: {_show(default)}"
+    overrides: dict[str, list[str]] = {}
+    for algo, values in ALGORITHM_DEFAULTS.items():
+        if name in values:
+            overrides.setdefault(_show(values[name]), []).append(algo)
+    shown += "".join(f"; {', '.join(algos)}: {value}" for value, algos in overrides.items())
+    if name in choices:
+        shown = f"{' | '.join(choices[name])}; {shown}"
+    text = f"{docs[name][1]} ({shown})" if docs.get(name, ("", ""))[1] else f"({shown})"
+    return text.replace("%", "%%")  # argparse expands %(...)s in help strings
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Description and epilog as written; each flag's aliases listed once with one metavar."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=8)
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        return f"{', '.join(action.option_strings)} {self._format_args(action, action.dest.upper())}"
+
+
+_DESCRIPTION = """\
+Train HAPPO / HATRPO / MAPPO / IPPO on one task.
+
+Settings resolve as: built-in defaults < per-algorithm defaults < configs/<env>/<task>.yaml
+< --config file < flags. The defaults shown are the built-in ones (with the per-algorithm
+ones where they differ); the task file, when there is one, overrides them."""
+
+_EPILOG = """\
+sweep (train/sweep.py; a comma list in --algo, --seed, --scenario, --agent_conf or
+--map_name makes one run per combination):
+  --seeds 1,2,3            one run per seed (instead of --seed)
+  --max_parallel N         at most N runs at a time (default: the number of CPU cores;
+                           on a Ray cluster given by --ray_address, no limit)
+  --ray_address ADDRESS    run them as Ray tasks: auto | local | <host:port>"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
-        description="Train HAPPO / HATRPO / MAPPO / IPPO. Flags override configs/<env>/<task>.yaml.",
-        epilog="Sweeps: a comma list in --algo, --seed, --scenario, --agent_conf or --map_name, or "
-               "--seeds 1,2,3, runs every combination as a separate run (train/sweep.py); "
-               "--max_parallel N bounds how many run at once (default: cores); "
-               "--ray_address auto|local|<address> runs them as Ray tasks.",
+        prog="python -m train.train",
+        usage="%(prog)s [-h] [--flag VALUE ...] [--switch | --no-switch ...]",
+        description=_DESCRIPTION, epilog=_EPILOG, formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    docs, choices = field_docs(), _choices()
+    groups: dict[str, Any] = {}
     for name, f in FIELDS.items():
+        section = docs.get(name, ("", ""))[0]
+        if section not in groups:
+            groups[section] = parser.add_argument_group(section) if section else parser
+        group = groups[section]
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         kind = _FIELD_TYPES[name]
+        text = flag_help(name, docs, choices)
         if kind is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction)
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=text)
         elif kind == list[int]:  # "--hidden_sizes 64 64" and "--hidden_sizes 64,64" alike
-            parser.add_argument(*flags, dest=name, nargs="+", metavar="N")
+            group.add_argument(*flags, dest=name, nargs="+", metavar="N", help=text)
         else:
-            parser.add_argument(*flags, dest=name, type=str, metavar=name.upper())
+            metavar = {int: "INT", float: "FLOAT"}.get(kind, name.upper())
+            group.add_argument(*flags, dest=name, type=str, metavar=metavar, help=text)
     return parser
 
 
