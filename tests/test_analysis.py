@@ -20,8 +20,9 @@ SLOPE = 0.01  # known curve of every seed: value = SLOPE * env_steps + offset
 
 def make_run(root: Path, env: str, task: str, algo: str, seed: int, steps, values,
              exp_name: str = "default", summary: dict | None = None, extra: dict | None = None,
-             win_rate=None) -> Path:
-    """Write one synthetic run directory; ``values`` may contain None (blank cell)."""
+             win_rate=None, config: dict | None = None) -> Path:
+    """Write one synthetic run directory; ``values`` may contain None (blank cell);
+    ``config`` adds to / overrides the config.yaml entries."""
     run_dir = root / env / task / algo / exp_name / f"seed-{seed}"
     run_dir.mkdir(parents=True)
     cols = {"env_steps": list(steps), "wall_seconds": [s / 100 for s in steps],
@@ -36,7 +37,8 @@ def make_run(root: Path, env: str, task: str, algo: str, seed: int, steps, value
     lines = [",".join("" if v is None else str(v) for v in row) for row in zip(*cols.values())]
     (run_dir / "metrics.csv").write_text(header + "\n" + "\n".join(lines) + "\n")
     config = {"algo": algo, "env": env, "seed": seed, "exp_name": exp_name,
-              "scenario": task.split("-")[0], "agent_conf": "2x3", "map_name": task}
+              "scenario": task.split("-")[0], "agent_conf": "2x3", "map_name": task,
+              **(config or {})}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
     if summary is not None:
         (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -258,6 +260,95 @@ def test_cli_missing_dir_is_one_line(tmp_path, capsys):
     assert plot.main([str(tmp_path / "absent")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not found" in err
+
+
+def test_cli_out_with_non_figure_extension_is_rejected_before_writing(tmp_path, capsys):
+    linear_seed(tmp_path / "runs", 1, 0.0, 0, 100, 50)
+    out = tmp_path / "t.md"
+    assert plot.main([str(tmp_path / "runs"), "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"plot: error: --out {out}")
+    assert "'.md'" in lines[0] and all(f in lines[0] for f in ("png", "pdf", "svg"))
+    assert "--table-only" in lines[0] and captured.out == ""
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    # the table alone may go to a .md path
+    assert plot.main([str(tmp_path / "runs"), "--out", str(out), "--table-only"]) == 0
+    assert out.read_text().startswith("| task | algo | eval_return")
+    # any format matplotlib writes is accepted, whatever the case of its extension
+    assert plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "f.SVG"), "--points", "5"]) == 0
+    assert (tmp_path / "f.SVG").read_text().lstrip().startswith("<?xml")
+
+
+def test_cli_out_without_extension_names_the_file_written(tmp_path, capsys):
+    linear_seed(tmp_path / "runs", 1, 0.0, 0, 100, 50)
+    out = tmp_path / "figs" / "noext"
+    assert plot.main([str(tmp_path / "runs"), "--out", str(out), "--points", "5"]) == 0
+    err = capsys.readouterr().err
+    assert _png_ok(out.with_suffix(".png")) and not out.exists()
+    assert f"figure written to {out}.png " in err and ".png added" in err
+    assert (tmp_path / "figs" / "noext.md").is_file()
+    # an existing directory (or a path ending in '/') gets curves.png inside it
+    assert plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "figs"), "--points", "5"]) == 0
+    assert _png_ok(tmp_path / "figs" / "curves.png") and (tmp_path / "figs" / "curves.md").is_file()
+    assert f"figure written to {tmp_path / 'figs' / 'curves.png'}" in capsys.readouterr().err
+
+
+def test_suptitle_clears_panel_titles_with_several_rows(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    gaps = []  # pixels between the suptitle's bottom and the top of the highest panel title
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        original(fig, *args, **kwargs)  # draws the figure, so the layout is final
+        renderer = fig.canvas.get_renderer()
+        title_bottom = fig._suptitle.get_window_extent(renderer).y0
+        gaps.append(title_bottom - max(ax.get_tightbbox(renderer).y1
+                                       for ax in fig.axes if ax.get_visible()))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    grid = np.linspace(0.0, 4e5, 5)
+    for n_tasks in (4, 7, 12):  # 2, 3 and 4 rows of panels
+        curves = [analysis.Curve(f"Task{i}-2x3", algo, grid, grid, grid - 1, grid + 1, 3)
+                  for i in range(n_tasks) for algo in ("happo", "mappo")]
+        analysis.plot_curves(curves, "eval_return", tmp_path / f"{n_tasks}.png",
+                             "eval_return (up to 400k env steps)")
+        assert _png_ok(tmp_path / f"{n_tasks}.png")
+    assert len(gaps) == 3 and min(gaps) >= 2, f"suptitle touches the panel titles: {gaps}"
+
+
+def test_cli_runs_without_eval_say_so(tmp_path, capsys):
+    for seed in (1, 2):  # what --no-use_eval writes: blank eval columns, null eval in summary
+        make_run(tmp_path, "mamujoco", "HalfCheetah-2x3", "happo", seed, [0, 100], [None, None],
+                 config={"use_eval": False},
+                 summary={"env_steps": 100, "eval_return_mean": None, "train_episode_return": 1.0})
+    assert plot.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "'eval_return'" in err and "yet" not in err
+    assert "without evaluation" in err and "--metric train_episode_return" in err
+    assert not (tmp_path / "curves.md").exists()
+    # the suggested metric works
+    assert plot.main([str(tmp_path), "--metric", "train_episode_return", "--points", "5"]) == 0
+    capsys.readouterr()
+    # some runs without evaluation, the others not evaluated yet
+    make_run(tmp_path, "mamujoco", "HalfCheetah-2x3", "happo", 3, [0, 100], [None, None])
+    assert plot.main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "2 of 3 runs were trained without evaluation" in err
+
+
+def test_eval_metric_missing_from_csv_header_suggests_train_metric(tmp_path, capsys):
+    run_dir = tmp_path / "smax" / "3m" / "mappo" / "default" / "seed-1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text(
+        "env_steps,train_episode_return,train_win_rate\n0,1.0,0.0\n100,2.0,0.5\n")
+    assert plot.main([str(tmp_path)]) == 2  # default metric for SMAX: eval_win_rate
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown metric 'eval_win_rate'" in err
+    assert "without evaluation" in err and "--metric train_win_rate" in err
+    assert "available: train_episode_return, train_win_rate" in err
 
 
 def test_plot_sh_empty_dir_exits_2_without_traceback(tmp_path):

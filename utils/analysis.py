@@ -197,11 +197,70 @@ def default_metric(runs: list[Run]) -> str:
     return "eval_win_rate" if runs and all(r.is_smac_like for r in runs) else "eval_return"
 
 
+def train_counterpart(runs: list[Run], metric: str) -> str | None:
+    """Training-time column standing in for evaluation metric ``metric``.
+
+    ``eval_return`` -> ``train_episode_return``, ``eval_<x>`` -> ``train_<x>`` (e.g.
+    ``train_win_rate``), falling back to ``train_episode_return``; ``None`` when ``metric``
+    is not an ``eval_`` metric or no run logs a value for the counterpart.
+    """
+    if not metric.startswith("eval_"):
+        return None
+    base = metric[len("eval_"):]
+    candidates = ("train_episode_return",) if base == "return" else \
+        (f"train_{base}", "train_episode_return")
+    available = set(metric_columns(runs))
+    return next((c for c in candidates if c in available), None)
+
+
+def runs_without_eval(runs: list[Run]) -> list[Run]:
+    """Runs trained with evaluation switched off (``use_eval: false`` in config.yaml)."""
+    return [r for r in runs if r.config.get("use_eval") is False]
+
+
+def _try_instead(runs: list[Run], metric: str) -> str:
+    alternative = train_counterpart(runs, metric)
+    return f"; try --metric {alternative}" if alternative else ""
+
+
 def check_metric(runs: list[Run], metric: str) -> None:
-    """Raise :class:`AnalysisError` unless some run logs ``metric``."""
-    if not any(metric in r.metrics.columns for r in runs):
-        raise AnalysisError(f"unknown metric '{metric}'; available: "
-                            f"{describe_columns(metric_columns(runs))}")
+    """Raise :class:`AnalysisError` unless some run logs ``metric``.
+
+    For a missing ``eval_*`` metric the message says when the runs log no evaluation
+    metric at all (trained without evaluation) and suggests the training counterpart.
+    """
+    if any(metric in r.metrics.columns for r in runs):
+        return
+    why = ""
+    if metric.startswith("eval_") and not any(str(c).startswith("eval_")
+                                              for r in runs for c in r.metrics.columns):
+        why = (" (the runs log no evaluation metrics: they were trained without "
+               f"evaluation{_try_instead(runs, metric)})")
+    raise AnalysisError(f"unknown metric '{metric}'{why}; available: "
+                        f"{describe_columns(metric_columns(runs))}")
+
+
+def no_values_message(runs: list[Run], metric: str) -> str:
+    """One-line reason why no run has a final value for ``metric`` (a logged column).
+
+    Names the metric; for an ``eval_*`` metric, says how many runs were trained without
+    evaluation (``use_eval: false``, i.e. ``--no-use_eval``: they never will have one) and
+    suggests the training counterpart. Otherwise the runs may simply not have logged it yet.
+    """
+    message = f"no run has a value for '{metric}'"
+    without = runs_without_eval(runs) if metric.startswith("eval_") else []
+    if not without:
+        finished = sum(r.summary is not None for r in runs)
+        if finished == len(runs):
+            return f"{message}: all {len(runs)} run(s) finished without logging it"
+        return f"{message} yet ({len(runs) - finished} of {len(runs)} run(s) still running)"
+    if len(without) == len(runs):
+        who = f"the {len(runs)} run(s) were" if len(runs) > 1 else "the run was"
+        return (f"{message}: {who} trained without evaluation (use_eval: false in config.yaml, "
+                f"i.e. --no-use_eval){_try_instead(runs, metric)}")
+    return (f"{message} yet: {len(without)} of {len(runs)} runs were trained without "
+            f"evaluation (use_eval: false, i.e. --no-use_eval) and never will, the others "
+            f"have not been evaluated yet{_try_instead(runs, metric)}")
 
 
 def metric_curve(run: Run, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -463,8 +522,20 @@ def default_title(runs: list[Run], metric: str) -> str:
     return f"{metric} (up to {format_steps(max(steps))} env steps)" if steps else metric
 
 
+def figure_formats() -> list[str]:
+    """File extensions (no dot) matplotlib can save a figure as, e.g. png, pdf, svg."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
 def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -> Path:
-    """Draw one panel per task (grid of panels), one line + 95% band per algo; save PNG."""
+    """Draw one panel per task (grid of panels), one line + 95% band per algo; save the
+    figure to ``out``, whose extension (one of :func:`figure_formats`) picks the format.
+
+    Constrained layout keeps the overall title clear of the first row's panel titles
+    whatever the number of rows.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -475,7 +546,8 @@ def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -
     colours = algo_colours([c.algo for c in curves])
     ncols = min(3, max(len(tasks), 1))
     nrows = max(math.ceil(len(tasks) / ncols), 1)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.8 * nrows), squeeze=False,
+                             layout="constrained")
     for ax, task in zip(axes.flat, tasks):
         for c in (c for c in curves if c.task == task):
             colour = colours[c.algo]
@@ -493,7 +565,6 @@ def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_visible(False)
     fig.suptitle(title)
-    fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
