@@ -279,7 +279,7 @@ class Runner:
         return self.wall_seconds + time.time() - self._session_start
 
     # -- main loop -----------------------------------------------------------------------------
-    def _on_signal(self, signum, frame):
+    def on_signal(self, signum, frame):
         if self.stop_signal is not None:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once; the last checkpoint is intact
         self.stop_signal = signum
@@ -287,9 +287,14 @@ class Runner:
     def run(self) -> int:
         cfg = self.config
         self._session_start = time.time()
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         window_start, window_steps = time.time(), self.env_steps
         try:
+            if self.stop_signal is not None:  # received while starting up (train.train.StartupSignals)
+                path = self.save(self.resume_point())
+                print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved to {path}; "
+                      f"continue with --resume {self.run_dir}", flush=True)
+                return 130
             while self.env_steps < cfg.num_env_steps:
                 point = self.resume_point()
                 try:
@@ -322,7 +327,9 @@ class Runner:
                 last = self.env_steps >= cfg.num_env_steps
                 eval_result = None
                 if cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last):
+                    eval_start = time.time()
                     eval_result = self.last_eval = self.evaluate()
+                    window_start += time.time() - eval_start  # sps is training throughput
                 if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
                     now = time.time()
                     window_sps = (self.env_steps - window_steps) / max(now - window_start, 1e-9)
@@ -341,7 +348,11 @@ class Runner:
                     print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved; "
                           f"continue with --resume {self.run_dir}", flush=True)
                     return 130
-            self.write_summary()
+            summary = self.write_summary()
+            evals = "".join(f", {k} {summary[k]:.4g}" for k in ("eval_return_mean", "eval_win_rate")
+                            if summary.get(k) is not None)
+            print(f"\ndone: {self.env_steps} env steps in {summary['wall_seconds']:.0f} s{evals}; "
+                  f"{self.run_dir / 'summary.json'}", flush=True)
             return 0
         except NumericalError as exc:
             print(f"\nerror: {exc}; stopped without saving, the last good checkpoint is kept", flush=True)
@@ -357,7 +368,7 @@ class Runner:
             if self.eval_env is not None:
                 self.eval_env.close()
 
-    def write_summary(self) -> None:
+    def write_summary(self) -> dict:
         wall = self.elapsed()
         summary = {"algo": self.config.algo, "env": self.config.env, "task": task_name(self.config.to_dict()),
                    "seed": self.config.seed, "env_steps": self.env_steps, "iterations": self.iteration,
@@ -369,3 +380,4 @@ class Runner:
                    "env_restarts": self.env_restarts}
         summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
         atomic_write_bytes(self.run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+        return summary

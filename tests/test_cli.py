@@ -295,7 +295,16 @@ def test_launch_scripts_take_paths_from_the_callers_directory(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train_mujoco.sh"), *SMALL, "--results_dir", "rel",
                            "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert list((tmp_path / "rel").rglob("summary.json"))
+    [summary] = list((tmp_path / "rel").rglob("summary.json"))
+    # The scripts add their --env only where the command takes none of its own: --eval_only and
+    # --resume use the run's (an added --env was refused as "no effect with --eval_only").
+    for script in ("train_mujoco.sh", "train_smac.sh"):
+        for flags in (["--eval_only", "--model_dir", "rel/" + str(summary.parent.relative_to(tmp_path / "rel")),
+                       "--eval_episodes", "1", "--n_eval_rollout_threads", "1"],
+                      ["--resume", str(summary.parent)]):
+            proc = subprocess.run(["bash", str(REPO / "scripts" / script), *flags], cwd=tmp_path, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert proc.returncode == 0, (script, flags, proc.stderr)
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train_smac.sh"), "--env", "smac", "--map_name", "3s5z"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert_usage_error(proc.returncode, proc.stderr, "install_sc2.sh", "--env smax")

@@ -22,6 +22,7 @@ import yaml
 pytest.importorskip("gymnasium_robotics")
 pytest.importorskip("mujoco")
 
+from tests.processes import interrupt_when  # noqa: E402
 from train.train import main  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -182,7 +183,7 @@ def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo, eva
     steps = env_steps(after)
     assert steps == [100, 200, 300, 400] and len(set(steps)) == len(steps)
     assert json.loads((split / "summary.json").read_text())["env_steps"] == 2 * n
-    assert yaml.safe_load((split / "config.yaml").read_text())["num_env_steps"] == n  # written once
+    assert yaml.safe_load((split / "config.yaml").read_text())["num_env_steps"] == 2 * n  # the latest session's
 
     assert train(tmp_path, *common, "--exp_name", "straight", "--num_env_steps", str(2 * n)) == 0
     straight = read_metrics(run_dir(tmp_path, algo, exp="straight", seed=3))
@@ -241,22 +242,15 @@ def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
     cmd = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(tmp_path), "--algo", "happo",
            "--num_env_steps", "1000000", "--no-use_eval", "--save_interval", "1000"]
     directory = run_dir(tmp_path, "happo")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while time.time() < deadline and proc.poll() is None:
-            if (directory / "metrics.csv").exists() and len(read_metrics(directory)) >= 1:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, proc.communicate()
-        assert not (directory / "checkpoints" / "last.pt").exists()  # only the interrupt saves here
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    seen_before_signal = {}
+
+    def ready() -> bool:  # one metrics row logged, and (checked then) no checkpoint yet
+        if (directory / "metrics.csv").exists() and len(read_metrics(directory)) >= 1:
+            seen_before_signal["checkpoint"] = (directory / "checkpoints" / "last.pt").exists()
+            return True
+        return False
+    proc, out, err = interrupt_when(cmd, ready, timeout=60, cwd=REPO, env=subprocess_env())
+    assert seen_before_signal == {"checkpoint": False}, (out, err)  # only the interrupt saves here
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "interrupted" in out
     assert (directory / "checkpoints" / "last.pt").is_file()
@@ -271,6 +265,56 @@ def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
     steps = env_steps(read_metrics(directory))
     assert steps == list(range(100, target + 1, 100))  # replayed rows are not doubled
     assert json.loads((directory / "summary.json").read_text())["env_steps"] == target
+    # config.yaml is the config of the latest session, runtime flags included
+    assert yaml.safe_load((directory / "config.yaml").read_text())["num_env_steps"] == target
+
+
+def interrupt_inside(monkeypatch, module, name: str, times: int) -> None:
+    """Make the first call of ``module.name`` send this process SIGINT ``times`` times after it
+    runs (a Ctrl-C at that point of the start-up, without a race against a subprocess's timing)."""
+    real = getattr(module, name)
+    calls = []
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(1)
+        for _ in range(times if len(calls) == 1 else 0):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)  # the handler runs at the next bytecode boundary
+        return out
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_ctrl_c_before_the_runner_starts_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import train.train as train_module
+
+    interrupt_inside(monkeypatch, train_module, "ensure_writable", 1)
+    assert train(tmp_path / "results", "--num_env_steps", "100") == 130
+    assert "interrupted (SIGINT) before training started" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_ctrl_c_while_the_runner_is_built_checkpoints_and_resumes(tmp_path, monkeypatch, capsys):
+    """Env construction (and, on SMAX, JAX compiling) takes seconds before Runner.run installs
+    its handlers: a Ctrl-C there is kept and the run stops with a checkpoint at 0 steps."""
+    import utils.device
+
+    interrupt_inside(monkeypatch, utils.device, "resolve_device", 1)
+    assert train(tmp_path, "--num_env_steps", "200", "--no-progress") == 130
+    assert "checkpoint at 0 env steps" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(["--resume", str(run_dir(tmp_path, "happo")), "--no-progress"]) == 0
+    assert env_steps(read_metrics(run_dir(tmp_path, "happo"))) == [100, 200]
+
+
+def test_second_ctrl_c_stops_at_once_with_one_line(tmp_path, monkeypatch, capsys):
+    import utils.device
+
+    interrupt_inside(monkeypatch, utils.device, "resolve_device", 2)
+    assert train(tmp_path / "results", "--num_env_steps", "100") == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "interrupted: stopped at once; the last checkpoint, if any, is kept"
+    assert not list(tmp_path.iterdir()), "an empty run directory was left behind"
 
 
 def test_wandb_offline_writes_run_directory(tmp_path):

@@ -74,17 +74,70 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     results = tmp_path / "results"
     taken = run_dir(results, "happo", 2)
     taken.mkdir(parents=True)
-    (taken / "metrics.csv").write_text("env_steps\n")  # a run already lives here: that run exits 2
+    (taken / "metrics.csv").write_text("env_steps\n")  # not a run it can continue: that run exits 2
     rc = sweep_main([*TINY, "--results_dir", str(results), "--algo", "happo", "--seeds", "1,2",
                      "--max_parallel", "2"])
     out = capsys.readouterr().out
     assert rc == 1, out
     assert (run_dir(results, "happo", 1) / "summary.json").is_file()
     assert not (taken / "summary.json").exists()
-    assert "FAILED  HalfCheetah-2x3 happo default seed 2: exit 2; error: run directory" in out
-    assert f"failed  {taken}  exit 2: error: run directory {taken} already holds a run" in out
+    assert f"FAILED  HalfCheetah-2x3 happo default seed 2: exit 2; error: --resume {taken}: " in out
+    assert f"failed  {taken}  exit 2: error: --resume {taken}: " in out
     assert f"ok      {run_dir(results, 'happo', 1)}  eval_return_mean" in out
     assert "1/2 run(s) succeeded" in out
+
+
+def test_a_run_directory_with_other_settings_stops_the_sweep_before_it_starts(tmp_path, capsys):
+    results = tmp_path / "results"
+    assert train_main([*TINY, "--results_dir", str(results), "--seed", "2", "--lr", "0.001"]) == 0
+    capsys.readouterr()
+    rc = sweep_main([*TINY, "--results_dir", str(results), "--algo", "happo", "--seeds", "1,2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{run_dir(results, 'happo', 2)} holds a run with other settings (lr: 0.001 -> 0.0005)" in err
+    assert not run_dir(results, "happo", 1).exists()
+
+
+def test_the_same_sweep_again_continues_it(tmp_path, capsys):
+    results = tmp_path / "results"
+    sweep = [*TINY, "--results_dir", str(results), "--algo", "happo", "--seeds", "1,2", "--max_parallel", "2"]
+    assert sweep_main(sweep) == 0
+    assert sweep_main([*sweep, "--num_env_steps", "200"]) == 0  # a larger budget: both train on
+    out = capsys.readouterr().out
+    assert "2 run(s) already started here continue from their run directories" in out
+    for seed in SEEDS:
+        summary = json.loads((run_dir(results, "happo", seed) / "summary.json").read_text())
+        assert summary["env_steps"] == 200 and summary["iterations"] == 2
+    assert sweep_main([*sweep, "--num_env_steps", "200"]) == 0  # finished: nothing to do
+    log = (results / "sweep-logs" / "mamujoco_HalfCheetah-2x3_happo_default_seed1.log").read_text()
+    assert "already at 200 env steps" in log and "--resume" in log.splitlines()[-2]
+
+
+def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path):
+    import subprocess
+
+    from tests.processes import interrupt_when
+
+    results = tmp_path / "results"
+    sweep = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(results), "--algo", "happo",
+             "--seeds", "1,2", "--max_parallel", "1"]
+    repo = Path(__file__).resolve().parent.parent
+    proc, out, _ = interrupt_when([*sweep, "--num_env_steps", "100000000"],
+                                  lambda: (run_dir(results, "happo", 1) / "metrics.csv").exists(),
+                                  cwd=repo, stderr=subprocess.STDOUT)
+    assert proc.returncode == 130, out
+    assert "run the same command again to continue it" in out
+    assert (run_dir(results, "happo", 1) / "checkpoints" / "last.pt").is_file()
+    assert not run_dir(results, "happo", 2).exists()  # not started
+    from utils.checkpoint import load_checkpoint
+
+    saved = load_checkpoint(run_dir(results, "happo", 1))["counters"]["env_steps"]
+    done = subprocess.run([*sweep, "--num_env_steps", str(saved + 100)], cwd=repo, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 run(s) already started here continue" in done.stdout
+    for seed in SEEDS:
+        assert (run_dir(results, "happo", seed) / "summary.json").is_file()
 
 
 def test_ray_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):

@@ -20,7 +20,9 @@ own (so every restart makes progress); the delay is drawn uniformly from
 [0, remaining training time / (kills left + 1)], estimated from the uninterrupted run, so
 kills land anywhere in an iteration: collecting, updating, logging or checkpointing.
 Unless given, ``--device cpu --torch_threads 1`` are added: bitwise equality is only
-promised for identical CPU runs.
+promised for identical CPU runs, and ``--save_interval`` is lowered so that the run writes
+about twice as many checkpoints as there are kills (a given one that leaves too few is an
+error).
 """
 from __future__ import annotations
 
@@ -160,6 +162,20 @@ def main(argv: list[str] | None = None) -> int:
         chaos_dir = chaos_dir.absolute()
         flags = absolutize_paths(flags)
         config = load_config(flags)  # validates every flag before anything runs
+        # Every kill lands after a checkpoint the killed process wrote itself, so the run must
+        # write more checkpoints than there are kills (the last one is at the end).
+        per_iteration = config.n_rollout_threads * config.episode_length
+        iterations = -(-config.num_env_steps // per_iteration)
+        if _flag_value(flags, "--save_interval", "--save-interval") is None:
+            interval = max(1, iterations // (2 * opts.kills + 2))
+            if interval < config.save_interval:
+                flags += ["--save_interval", str(interval)]
+                config = load_config(flags)
+        if opts.kills and iterations // config.save_interval < opts.kills + 1:
+            raise ConfigError(f"--kills {opts.kills} needs more than {opts.kills} checkpoints before the last "
+                              f"iteration; {iterations} iterations with --save_interval {config.save_interval} "
+                              f"write {iterations // config.save_interval}: lower --save_interval or raise "
+                              "--num_env_steps")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -212,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                 if child.proc.poll() is not None:
                     rc = child.proc.returncode
                     if rc == 0:
-                        print(f"process {starts} finished before kill {kills + 1} could land", flush=True)
+                        failure = (f"process {starts} finished before kill {kills + 1} could land "
+                                   "(too few checkpoints left: lower --save_interval)")
+                        print(failure, flush=True)
                         break
                     failure = f"process {starts} exited {rc} before being killed"
                     print(child.tail(), flush=True)

@@ -16,7 +16,9 @@
   (appended to, after a header line naming the sweep).
 * A failed run is reported as it ends (exit status and the last line of its log); the
   others carry on. At the end one line per run; exit status 0 if every run succeeded, 1
-  otherwise.
+  otherwise, 130 if interrupted (Ctrl-C / SIGTERM: running runs save a checkpoint).
+* The same command again continues a sweep: a run whose directory already holds it
+  resumes (``--resume``, which refuses changed settings), a finished one exits 0 at once.
 * ``--ray_address auto|<address>|local`` runs the same commands as Ray tasks
   (``num_cpus=1`` each) on a Ray cluster; ``local`` starts a private local Ray instance
   with ``--max_parallel`` CPUs. Results and logs must then be on a file system every node
@@ -68,6 +70,7 @@ class Run:
     tail: list[str] = field(default_factory=list)
     seconds: float = 0.0
     error: str = ""  # why it could not run at all (e.g. a Ray task crashed)
+    resumed: bool = False  # its run directory already held this run: it continues (--resume)
 
     @property
     def ok(self) -> bool:
@@ -152,6 +155,20 @@ class Plan:
     ray_address: str | None
 
 
+def changed_settings(config, run_dir: Path) -> str:
+    """The settings in which ``config`` differs from the run saved in ``run_dir`` (runtime
+    flags aside), as "name: saved -> new, ..."; empty if none or if no config.yaml is there."""
+    from train.config import RUNTIME_FIELDS, config_from_dict, read_yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return ""
+    saved = config_from_dict(read_yaml(path), str(path)).to_dict()
+    ignored = {*RUNTIME_FIELDS, "config", "model_dir", "eval_only"}
+    return ", ".join(f"{key}: {saved[key]!r} -> {value!r}" for key, value in config.to_dict().items()
+                     if key not in ignored and saved[key] != value)
+
+
 def plan(argv: list[str]) -> Plan:
     """Expand, validate and name every run; raises ConfigError (nothing started)."""
     from envs.registry import task_name
@@ -203,8 +220,20 @@ def plan(argv: list[str]) -> Plan:
         task = task_name(config.to_dict())
         log = (Path(config.results_dir) / "sweep-logs"
                / f"{config.env}_{task}_{config.algo}_{config.exp_name}_seed{config.seed}.log")
+        # Running a sweep again continues it: a run that already started (an interrupted sweep,
+        # a reboot) resumes from its checkpoint, a finished one says so and exits 0. --resume keeps
+        # the run's own config and refuses a changed flag (one line), so a reused --exp_name with
+        # other settings fails rather than mixing two configs in one run.
+        resumed = any((run_dir / name).exists() for name in ("checkpoints", "metrics.csv", "config.yaml"))
+        if resumed:
+            changed = changed_settings(config, run_dir)
+            if changed:
+                raise ConfigError(f"run {described or '(single)'}: {run_dir} holds a run with other settings "
+                                  f"({changed}); choose another --exp_name, or give the run's own settings "
+                                  "to continue it")
+            child = ["--resume", str(run_dir), *drop_flag(child, "--config")]
         runs.append(Run(label=f"{task} {config.algo} {config.exp_name} seed {config.seed}",
-                        argv=child, run_dir=run_dir, log=log))
+                        argv=child, run_dir=run_dir, log=log, resumed=resumed))
     return Plan(runs, max_parallel, ray_address)
 
 
@@ -336,8 +365,9 @@ class LocalPool:
 
 
 # -- Ray ---------------------------------------------------------------------------------------
-def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given: bool) -> None:
-    """The same commands as Ray tasks (one CPU each), reported as they finish."""
+def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given: bool) -> bool:
+    """The same commands as Ray tasks (one CPU each), reported as they finish; True if
+    interrupted (Ctrl-C)."""
     import logging
 
     import ray
@@ -384,8 +414,10 @@ def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given
             run.error = "cancelled (sweep interrupted)"
         for run in pending:
             run.error = "not started (sweep interrupted)"
+        return True
     finally:
         ray.shutdown()
+    return False
 
 
 # -- entry point -------------------------------------------------------------------------------
@@ -405,22 +437,28 @@ def main(argv: list[str] | None = None) -> int:
     where = f"Ray ({sweep.ray_address})" if sweep.ray_address else "this machine"
     print(f"sweep: {len(runs)} run(s), at most {sweep.max_parallel} at a time, on {where}; "
           f"logs in {runs[0].log.parent}", flush=True)
-    for run in runs:
-        if (run.run_dir / "checkpoints").exists() or (run.run_dir / "metrics.csv").exists():
-            print(f"warning: {run.run_dir} already holds a run; {run.label} will fail "
-                  f"(continue it with --resume, or choose another --exp_name)", flush=True)
+    resumed = [run for run in runs if run.resumed]
+    if resumed:
+        print(f"sweep: {len(resumed)} run(s) already started here continue from their run directories "
+              f"(--resume): {', '.join(run.label for run in resumed)}", flush=True)
     if sweep.ray_address:
         try:
-            execute_ray(runs, sweep.ray_address, sweep.max_parallel, has_flag(argv, *SWEEP_ONLY["max_parallel"]))
+            interrupted = execute_ray(runs, sweep.ray_address, sweep.max_parallel,
+                                      has_flag(argv, *SWEEP_ONLY["max_parallel"]))
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
     else:
-        LocalPool(runs, sweep.max_parallel).execute()
+        pool = LocalPool(runs, sweep.max_parallel)
+        pool.execute()
+        interrupted = pool.stopping
     n_ok = sum(run.ok for run in runs)
     print(f"sweep summary: {n_ok}/{len(runs)} run(s) succeeded", flush=True)
     for run in runs:
         print(summary_line(run), flush=True)
+    if interrupted:
+        print("sweep: interrupted; run the same command again to continue it", flush=True)
+        return 130
     return 0 if n_ok == len(runs) else 1
 
 

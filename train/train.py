@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -133,6 +134,43 @@ def is_sweep(argv: list[str]) -> bool:
     return False
 
 
+class StartupSignals:
+    """SIGINT / SIGTERM while a run starts (imports, JAX compiles and env construction take
+    seconds, before ``Runner.run`` installs its own handlers). The first one is recorded and
+    acted on at the next safe point; a second one stops at once (KeyboardInterrupt). Recording
+    matters: a KeyboardInterrupt raised inside one of JAX's callbacks is swallowed and the run
+    went on training."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.runner = None  # once built, signals go to its handler
+
+    def __call__(self, signum, frame):
+        if self.runner is not None:
+            return self.runner.on_signal(signum, frame)
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def hand_over(self, runner) -> None:
+        runner.stop_signal = self.received
+        self.runner = runner
+
+
+def remove_empty(directories: list[Path]) -> None:
+    """Remove the directories a rejected or interrupted start created, deepest first, while empty."""
+    for d in directories:
+        if d.is_dir() and not any(d.iterdir()):
+            d.rmdir()
+
+
+def stopped_early(startup: StartupSignals, new_dirs: list[Path]) -> int:
+    remove_empty(new_dirs)
+    print(f"interrupted ({signal.Signals(startup.received).name}) before training started; "
+          "nothing was changed", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -140,9 +178,24 @@ def main(argv: list[str] | None = None) -> int:
         from train.sweep import main as sweep_main
 
         return sweep_main(argv)
+    startup = StartupSignals()
+    previous = {s: signal.signal(s, startup) for s in (signal.SIGINT, signal.SIGTERM)}
+    new_dirs: list[Path] = []  # directories this start creates
+    try:
+        return start(argv, startup, new_dirs)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now, one line rather than a traceback
+        remove_empty(new_dirs)
+        print("\ninterrupted: stopped at once; the last checkpoint, if any, is kept", file=sys.stderr)
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int:
+    """Train, resume or evaluate as the flags say; ``new_dirs`` collects the directories created."""
     try:
         flags = parse_flags(argv)
-        new_dirs: list[Path] = []  # directories this start creates
         if flags.get("resume"):
             config, checkpoint = resume_config(flags)
             run_dir = Path(config.resume)
@@ -154,13 +207,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
         else:
             config, checkpoint = load_config(argv), None
-            if config.eval_only:
+            if config.eval_only:  # nothing to save: Ctrl-C simply stops it
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                signal.signal(signal.SIGTERM, signal.default_int_handler)
                 return evaluate_only(config, flags)
             if config.model_dir:
                 raise ConfigError("--model_dir is read only with --eval_only; to continue a run use "
                                   "--resume <run dir>")
             run_dir = run_dir_for(config)
-            new_dirs = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
+            new_dirs[:] = [d for d in (run_dir, *run_dir.parents) if not d.exists()]
             ensure_writable(Path(config.results_dir), "--results_dir")
             if (run_dir / "checkpoints").exists() or (run_dir / "metrics.csv").exists():
                 raise ConfigError(f"run directory {run_dir} already holds a run; continue it with "
@@ -169,18 +224,19 @@ def main(argv: list[str] | None = None) -> int:
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
 
+        if startup.received is not None:
+            return stopped_early(startup, new_dirs)
+
         try:
             threads = set_threads(config.torch_threads)
             device = resolve_device(config.device)
             runner = Runner(config, run_dir, device, checkpoint)
         except ConfigError:
             if checkpoint is None:  # rejected while building (e.g. --share_param on unequal agents)
-                for d in new_dirs:  # leave no empty run directory behind
-                    if d.is_dir() and not any(d.iterdir()):
-                        d.rmdir()
+                remove_empty(new_dirs)  # leave no empty run directory behind
             raise
-        if checkpoint is None:
-            save_config(config, run_dir / "config.yaml")
+        startup.hand_over(runner)  # from here a signal stops the run with a checkpoint (Runner.run)
+        save_config(config, run_dir / "config.yaml")  # on --resume too: its runtime flags (steps, ...)
         print(f"{config.algo} on {runner.spec.name}: {runner.spec.n_agents} agents, obs "
               f"{[a.obs_dim for a in runner.spec.agents]}, actions {[a.action_dim for a in runner.spec.agents]}; "
               f"device {device}, {threads} torch thread(s); run dir {run_dir}", flush=True)
