@@ -178,6 +178,18 @@ def test_layering_defaults_task_yaml_user_file_flags(tmp_path):
     assert flagged.ppo_epoch == 3 and flagged.seed == 4  # the flag wins, the rest of the file stays
 
 
+def test_a_bad_value_from_a_file_names_the_file():
+    """A value that fails validation names where it came from unless it was a flag: the
+    3m file's 8 mini-batches exceed the 5 recurrent chunks of a 1 x 50 rollout."""
+    small = ["--env", "smax", "--map_name", "3m", "--use_recurrent_policy", "--n_rollout_threads", "1",
+             "--episode_length", "50", "--num_env_steps", "100"]
+    with pytest.raises(ConfigError, match=r"\(8\) exceeds .* \(actor_num_mini_batch is set in .*configs/smax/3m\.yaml\)$"):
+        load_config(small)
+    with pytest.raises(ConfigError) as flagged:
+        load_config([*small, "--actor_num_mini_batch", "9"])
+    assert str(flagged.value).endswith("recurrent chunks per iteration")
+
+
 def test_hatrpo_defaults_to_no_entropy_bonus_unless_a_file_or_flag_sets_one():
     """The PPO family's entropy default (0.01) is not HATRPO's (the paper's objective has none).
     Swimmer 2x1 has no task file, so the defaults show."""

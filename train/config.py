@@ -469,15 +469,26 @@ def load_config(argv: list[str]) -> Config:
     check_task(probe)
     check_task_flags(probe["env"], values)
     resolved: dict[str, Any] = dict(ALGORITHM_DEFAULTS.get(probe["algo"], {}))
+    source = {key: f"the {probe['algo']} default" for key in resolved}  # where a value came from
     task_file = task_config_path(probe)
-    if task_file.exists():
-        _apply(resolved, _sections(read_yaml(task_file), probe["algo"], task_file), str(task_file))
+    files = [task_file] if task_file.exists() else []
     if probe["config"]:
-        user_file = Path(probe["config"])
-        _apply(resolved, _sections(read_yaml(user_file), probe["algo"], user_file), str(user_file))
+        files.append(Path(probe["config"]))
+    for path in files:
+        section = _sections(read_yaml(path), probe["algo"], path)
+        _apply(resolved, section, str(path))
+        source.update({key: str(path) for key in section})
     resolved.update(values)  # flags win
+    for key in values:
+        source.pop(key, None)
     config = dataclasses.replace(defaults, **resolved)
-    return config.validate()
+    try:
+        return config.validate()
+    except ConfigError as exc:  # name the file when the offending value is not a flag
+        named = re.match(r"--(\w+)", str(exc))
+        if named and named.group(1) in source:
+            raise ConfigError(f"{exc} ({named.group(1)} is set in {source[named.group(1)]})") from None
+        raise
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
