@@ -8,4 +8,6 @@ ALGORITHM_CLASSES = {"happo": HAPPO, "hatrpo": HATRPO, "mappo": MAPPO, "ippo": I
 
 
 def make_algorithm(config, spec, device):
+    # train/config.py's ALGORITHMS (checked by --algo, kept free of torch) lists the same names;
+    # tests/test_cli.py checks the two agree.
     return ALGORITHM_CLASSES[config.algo](config, spec, device)

@@ -157,7 +157,10 @@ class OnPolicyMARL:
         if config.share_param:
             first = spec.agents[0]
             if any(a != first for a in spec.agents):
-                default = " (MAPPO and IPPO share by default)" if config.algo in ("mappo", "ippo") else ""
+                from train.config import ALGORITHM_DEFAULTS
+
+                default = (f" ({config.algo}'s default)"
+                           if ALGORITHM_DEFAULTS.get(config.algo, {}).get("share_param") else "")
                 raise ConfigError(f"--share_param{default} needs every agent to have the same observation "
                                   f"and action spaces; {spec.name} has "
                                   f"{[(a.obs_dim, a.action_dim) for a in spec.agents]}; use --no-share_param")

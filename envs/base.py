@@ -34,7 +34,8 @@ class AgentSpec:
 
     ``action_kind`` is ``"continuous"`` (a Box of ``action_dim`` dims bounded by
     ``action_low``/``action_high``) or ``"discrete"`` (``action_dim`` choices, some of
-    which may be unavailable at a given step).
+    which may be unavailable at a given step). The Gaussian policy's samples are not
+    bounded: a continuous env clips the actions it receives to its own bounds.
     """
 
     obs_dim: int
@@ -51,8 +52,9 @@ class EnvSpec:
     name: str  # e.g. "mamujoco/HalfCheetah-2x3", "smax/3m"
     agents: tuple[AgentSpec, ...]
     state_dim: int
-    episode_limit: int
-    # Extra per-episode metrics the env reports in EnvStep.completed (e.g. ("won",)).
+    episode_limit: int  # informational (longest episode); the runner does not read it
+    # Extra per-episode metrics the env reports in EnvStep.completed (e.g. ("win_rate",)):
+    # every completed record carries each of them; they become train_/eval_<name> columns.
     episode_metrics: tuple[str, ...] = ()
 
     @property
@@ -70,13 +72,15 @@ class EnvStep:
 
     obs[i]:            [E, obs_dim_i] float32, agent i's observation
     state:             [E, state_dim] float32, the global state
-    avail_actions[i]:  [E, n_actions_i] bool (discrete envs), else None
+    avail_actions[i]:  [E, n_actions_i] bool (discrete envs), else None; every row has at
+                       least one True (a dead agent keeps a no-op available)
     reward:            [E] float32, shared team reward of the step that led here
     terminated:        [E] bool, the episode ended for real (no bootstrap)
     truncated:         [E] bool, the episode was cut (time limit): bootstrap from final_*
     active:            [E, N] bool, agent alive in ``obs`` (dead agents are masked out)
-    final_state:       [E, state_dim] last state of the episode that just ended
-                       (rows valid where terminated | truncated)
+    final_state:       [E, state_dim] the state after the last step of the episode that
+                       just ended, before the auto-reset; only rows where
+                       terminated | truncated mean anything (others: any values)
     final_obs[i]:      [E, obs_dim_i] likewise for local observations
     completed:         one dict per episode finished this step:
                        {"env": index, "return": float, "length": int, <episode_metrics>}
@@ -102,7 +106,14 @@ class VecEnv(ABC):
 
     @abstractmethod
     def reset(self, seed: int) -> EnvStep:
-        """Reset every copy; copy ``k`` is seeded from ``seed`` and ``k`` (distinct, reproducible)."""
+        """Reset every copy, reseeding everything; copy ``k`` draws from ``seed`` and ``k``.
+
+        Seeding copy ``k`` with ``seed + k`` (MaMuJoCo) also makes results independent of
+        ``--n_env_workers``, since worker ``w`` builds its copies with ``seed + w * n_local``;
+        SMAX's ``fold_in(PRNGKey(seed), k)`` does not (with workers its copies draw other,
+        equally valid streams). Evaluation calls ``reset(seed)`` before each evaluation,
+        which makes it repeatable.
+        """
 
     @abstractmethod
     def step(self, actions: list[np.ndarray]) -> EnvStep:
@@ -114,11 +125,18 @@ class VecEnv(ABC):
 
     @abstractmethod
     def get_state(self) -> Any:
-        """A picklable snapshot (simulator state, RNGs, episode counters) for exact resume."""
+        """A picklable snapshot (simulator state, RNGs, episode counters) for exact resume.
+
+        Independent copies, never views of live buffers: the runner takes one at the start
+        of every iteration (so keep it cheap) and may save it after the env has moved on
+        (Ctrl-C mid-rollout). ``None`` means the env cannot snapshot (real SMAC): a resumed
+        run then starts fresh episodes.
+        """
 
     @abstractmethod
     def set_state(self, snapshot: Any) -> EnvStep:
-        """Restore ``get_state()``'s snapshot; returns the current step (obs, state, masks)."""
+        """Restore ``get_state()``'s snapshot; returns the current step (obs, state, masks)
+        with reward and flags cleared (episode starts come from the checkpoint)."""
 
     def restart(self, env_index: int) -> EnvStep:
         """Rebuild copy ``env_index`` after a failure (fresh episode); returns the current

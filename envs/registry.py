@@ -1,4 +1,4 @@
-"""The only place that knows which environment families exist.
+"""The only place that knows which environment families exist (docs/extending.md: how to add one).
 
 Each family is a module exposing ``task_name(values)``, ``check_task(values)`` and
 ``make_vec_env(config, n_envs, seed, evaluation)``; modules are imported on first use so
@@ -6,6 +6,7 @@ that, say, MaMuJoCo users never import JAX.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 from typing import Any
@@ -40,7 +41,9 @@ def check_task_flags(env: str, given: Any) -> None:
 
 def family(name: str):
     if name not in FAMILIES:
-        raise ConfigError(f"--env must be one of {', '.join(FAMILIES)}; got {name!r}")
+        close = difflib.get_close_matches(str(name), FAMILIES, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"--env must be one of {', '.join(FAMILIES)}; got {name!r}{hint}")
     return importlib.import_module(FAMILIES[name])
 
 

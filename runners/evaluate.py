@@ -32,8 +32,10 @@ def policy_from_checkpoint(checkpoint: dict, config, spec, device):
 
 
 def to_torch(step, device) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    obs = [torch.as_tensor(o, device=device) for o in step.obs]
-    avail = None if step.avail_actions is None else [torch.as_tensor(a, device=device) for a in step.avail_actions]
+    # The same dtypes as the runner's buffers, whatever the env hands out (e.g. float64 obs).
+    obs = [torch.as_tensor(o, dtype=torch.float32, device=device) for o in step.obs]
+    avail = (None if step.avail_actions is None
+             else [torch.as_tensor(a, dtype=torch.bool, device=device) for a in step.avail_actions])
     return obs, avail
 
 

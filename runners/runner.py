@@ -336,7 +336,7 @@ class Runner:
                     self.logger.log(self._row(self._window_summary(), eval_result, window_sps))
                     ret = self._train_episode_stats()["train_episode_return"]
                     extra = "".join(f"  {k} {v:.3g}" for k, v in (eval_result or {}).items()
-                                    if k in ("eval_return", "eval_win_rate"))
+                                    if k == "eval_return" or k[len("eval_"):] in self.spec.episode_metrics)
                     if cfg.progress:
                         self.logger.progress(self.env_steps, cfg.num_env_steps, window_sps, ret, extra)
                     window_start, window_steps = now, self.env_steps
@@ -349,8 +349,8 @@ class Runner:
                           f"continue with --resume {self.run_dir}", flush=True)
                     return 130
             summary = self.write_summary()
-            evals = "".join(f", {k} {summary[k]:.4g}" for k in ("eval_return_mean", "eval_win_rate")
-                            if summary.get(k) is not None)
+            shown = ["eval_return_mean"] + [f"eval_{m}" for m in self.spec.episode_metrics]
+            evals = "".join(f", {k} {summary[k]:.4g}" for k in shown if summary.get(k) is not None)
             print(f"\ndone: {self.env_steps} env steps in {summary['wall_seconds']:.0f} s{evals}; "
                   f"{self.run_dir / 'summary.json'}", flush=True)
             return 0

@@ -178,6 +178,32 @@ def test_layering_defaults_task_yaml_user_file_flags(tmp_path):
     assert flagged.ppo_epoch == 3 and flagged.seed == 4  # the flag wins, the rest of the file stays
 
 
+def test_names_listed_twice_agree():
+    """--algo is checked against train/config.py's ALGORITHMS (no torch import), the classes
+    live in algorithms/__init__.py; each env family needs its task flags for the
+    does-not-apply check."""
+    from algorithms import ALGORITHM_CLASSES
+    from envs.registry import FAMILIES, TASK_FLAGS
+    from train.config import ALGORITHMS
+
+    assert set(ALGORITHMS) == set(ALGORITHM_CLASSES)
+    assert FAMILIES.keys() == TASK_FLAGS.keys()
+
+
+def test_evaluation_inputs_get_the_buffers_dtypes():
+    """An env handing out float64 observations trains (the buffers are float32) and must
+    evaluate too: the policy's weights are float32."""
+    import numpy as np
+    import torch
+    from types import SimpleNamespace
+
+    from runners.evaluate import to_torch
+
+    step = SimpleNamespace(obs=[np.zeros((2, 3), np.float64)], avail_actions=[np.ones((2, 4), np.int64)])
+    obs, avail = to_torch(step, torch.device("cpu"))
+    assert obs[0].dtype == torch.float32 and avail[0].dtype == torch.bool
+
+
 def test_a_bad_value_from_a_file_names_the_file():
     """A value that fails validation names where it came from unless it was a flag: the
     3m file's 8 mini-batches exceed the 5 recurrent chunks of a 1 x 50 rollout."""

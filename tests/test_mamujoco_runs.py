@@ -193,10 +193,15 @@ def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo, eva
     assert_same_rows(after, straight, ignore)
 
 
-def test_eval_only_prints_json(tmp_path, capsys):
+def test_eval_only_prints_json(tmp_path, capsys, monkeypatch):
     assert train(tmp_path, "--algo", "mappo", "--num_env_steps", "100") == 0
     directory = run_dir(tmp_path, "mappo")
     capsys.readouterr()
+    import train.train as train_module
+
+    def resolve_for_training(argv):  # the run's config comes from its checkpoint instead
+        raise AssertionError("--eval_only resolved a training config (and checked the default env)")
+    monkeypatch.setattr(train_module, "load_config", resolve_for_training)
     before = {p: p.stat().st_mtime_ns for p in directory.rglob("*") if p.is_file()}
     argv = ["--eval_only", "--model_dir", str(directory), "--eval_episodes", "1",
             "--n_eval_rollout_threads", "1", "--device", "cpu", "--torch_threads", "1"]

@@ -205,12 +205,14 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
                 print(f"{run_dir} is already at {done} env steps (--num_env_steps {config.num_env_steps}); "
                       "nothing to do: raise --num_env_steps to train on", flush=True)
                 return 0
+        elif flags.get("eval_only"):
+            # Not load_config: it would check (and import) the default env family, while the
+            # run's own config, read from the checkpoint, says which one to build.
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # nothing to save: Ctrl-C stops it
+            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            return evaluate_only(config_from_dict(flags, "command line"), flags)
         else:
             config, checkpoint = load_config(argv), None
-            if config.eval_only:  # nothing to save: Ctrl-C simply stops it
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                signal.signal(signal.SIGTERM, signal.default_int_handler)
-                return evaluate_only(config, flags)
             if config.model_dir:
                 raise ConfigError("--model_dir is read only with --eval_only; to continue a run use "
                                   "--resume <run dir>")
