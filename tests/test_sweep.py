@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("gymnasium_robotics")
 pytest.importorskip("mujoco")
 
+from train.config import ConfigError  # noqa: E402
 from train.sweep import main as sweep_main, plan  # noqa: E402
 from train.train import main as train_main  # noqa: E402
 
@@ -56,6 +57,11 @@ def test_plan_expands_the_product_and_passes_other_flags(tmp_path):
         assert all("," not in argv[k + 1] for k, t in enumerate(argv) if t in ("--algo", "--seed", "--agent_conf"))
         assert argv[argv.index("--hidden_sizes") + 1] == "16" and argv[-1] == "--no-progress"
         assert argv[argv.index("--torch_threads") + 1] == "1"
+    # Every task flag of every family sweeps; one the run directory does not name is refused.
+    maps = plan([*TINY, "--results_dir", str(tmp_path), "--env", "smax", "--map-name", "3m,2s3z"])
+    assert [run.run_dir.parts[-4] for run in maps.runs] == ["3m", "2s3z"]
+    with pytest.raises(ConfigError, match="would share the run directory .* --agent_obsk"):
+        plan([*TINY, "--results_dir", str(tmp_path), "--agent_obsk", "0,1"])
     given = plan([*TINY, "--results_dir", str(tmp_path), "--seed", "1,2", "--torch_threads", "2"])
     assert [r.argv.count("--torch_threads") for r in given.runs] == [1, 1]
     assert all(r.argv[r.argv.index("--torch_threads") + 1] == "2" for r in given.runs)

@@ -410,8 +410,8 @@ Settings resolve as: built-in defaults < per-algorithm defaults < configs/<env>/
 ones where they differ); the task file, when there is one, overrides them."""
 
 _EPILOG = """\
-sweep (train/sweep.py; a comma list in --algo, --seed, --scenario, --agent_conf or
---map_name makes one run per combination):
+sweep (train/sweep.py; a comma list in --algo, --seed or a task flag (--scenario,
+--agent_conf, --agent_obsk, --map_name) makes one run per combination):
   --seeds 1,2,3            one run per seed (instead of --seed)
   --max_parallel N         at most N runs at a time (default: the number of CPU cores;
                            on a Ray cluster given by --ray_address, no limit)

@@ -1,9 +1,10 @@
 """Sweeps: the cartesian product of comma lists, each run in its own process.
 
 ``python -m train.train --algo happo,hatrpo --seeds 1,2,3 --max_parallel 3 [flags]``
-(``train.train`` hands any command line with a comma list in ``--algo``, ``--seed``,
-``--scenario``, ``--agent_conf`` or ``--map_name``, or with ``--seeds``,
-``--max_parallel`` or ``--ray_address``, to ``main`` here).
+(``train.train`` hands any command line with a comma list in ``--algo``, ``--seed`` or
+a task flag (``--scenario``, ``--agent_conf``, ``--agent_obsk``, ``--map_name``: every
+family's ``TASK_FLAGS``), or with ``--seeds``, ``--max_parallel`` or ``--ray_address``, to
+``main`` here).
 
 * Every run is ``python -m train.train <flags> --no-progress`` in the repository root,
   with one torch thread unless ``--torch_threads`` (flag or config file) says otherwise.
@@ -40,22 +41,18 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envs.registry import TASK_FLAGS
 from train.config import REPO_ROOT, ConfigError, load_config
 
+# Task flags of every env family (envs/registry.py), then algorithm and seed: outermost first.
+ORDER = (*dict.fromkeys(name for names in TASK_FLAGS.values() for name in names), "algo", "seed")
 # canonical key -> the spellings accepted on the command line
-SWEEPABLE = {
-    "algo": ("--algo",),
-    "seed": ("--seed",),
-    "scenario": ("--scenario",),
-    "agent_conf": ("--agent_conf", "--agent-conf"),
-    "map_name": ("--map_name", "--map-name"),
-}
+SWEEPABLE = {key: (f"--{key}",) + ((f"--{key.replace('_', '-')}",) if "_" in key else ()) for key in ORDER}
 SWEEP_ONLY = {
     "seeds": ("--seeds",),
     "max_parallel": ("--max_parallel", "--max-parallel"),
     "ray_address": ("--ray_address", "--ray-address"),
 }
-ORDER = ("scenario", "agent_conf", "map_name", "algo", "seed")  # outermost first
 PATH_FLAGS = ("--config",)
 LOG_TAIL_LINES = 20
 
@@ -215,7 +212,8 @@ def plan(argv: list[str]) -> Plan:
         run_dir = run_dir_for(config)
         if run_dir in seen:
             raise ConfigError(f"runs {seen[run_dir]!r} and {described!r} would share the run directory "
-                              f"{run_dir} (does every swept flag apply to --env {config.env}?)")
+                              f"{run_dir}: its task name does not tell them apart (e.g. --agent_obsk); "
+                              "sweep them separately, each with its own --exp_name")
         seen[run_dir] = described
         task = task_name(config.to_dict())
         log = (Path(config.results_dir) / "sweep-logs"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from train.config import (RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
                           parse_flags, read_yaml, save_config)
+from train.sweep import SWEEP_ONLY, SWEEPABLE
 from utils.checkpoint import CheckpointError
 
 
@@ -117,17 +118,15 @@ def evaluate_only(config: Config, given: dict) -> int:
     return 0
 
 
-SWEEP_FLAGS = ("--seeds", "--max_parallel", "--max-parallel", "--ray_address", "--ray-address")
-SWEEPABLE = ("--algo", "--seed", "--scenario", "--agent_conf", "--agent-conf", "--map_name", "--map-name")
 
 
 def is_sweep(argv: list[str]) -> bool:
     """A comma list in a sweepable flag (or a sweep-only flag) makes this a sweep."""
     for k, token in enumerate(argv):
         name, _, inline = token.partition("=")
-        if name in SWEEP_FLAGS:
+        if any(name in spellings for spellings in SWEEP_ONLY.values()):
             return True
-        if name in SWEEPABLE:
+        if any(name in spellings for spellings in SWEEPABLE.values()):
             value = inline or (argv[k + 1] if k + 1 < len(argv) else "")
             if "," in value:
                 return True
