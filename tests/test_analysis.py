@@ -78,6 +78,18 @@ def test_short_path_falls_back_to_config(tmp_path):
     assert (run.env, run.task, run.algo, run.exp_name, run.seed) == ("smax", "2s3z", "mappo", "x", 7)
 
 
+def test_a_family_the_analysis_does_not_know_takes_its_task_from_summary_or_path(tmp_path):
+    """config.yaml holds every family's default task flags (scenario HalfCheetah, ...): for a
+    new family they say nothing. summary.json's task (the family's own name) or the path does."""
+    run_dir = make_run(tmp_path, "toy", "match2", "happo", 1, [0, 10], [1, 2],
+                       config={"scenario": "HalfCheetah", "agent_conf": "2x3", "map_name": "3m"})
+    (run,) = analysis.discover_runs(run_dir)  # only the absolute path and the files can tell
+    assert run.task == "match2"
+    (run_dir / "summary.json").write_text(json.dumps({"task": "match2"}))
+    (run,) = analysis.discover_runs(run_dir)
+    assert run.task == "match2"
+
+
 def test_metric_curve_skips_blanks_sorts_and_dedupes(tmp_path):
     make_run(tmp_path, "mamujoco", "Hopper-3x1", "ippo", 1, [20, 0, 10, 30, 20],
              [4.0, 1.0, 2.0, None, 5.0])

@@ -97,18 +97,21 @@ def _task_from_config(config: dict[str, Any]) -> str | None:
     env = str(config.get("env", "")).lower()
     if env in SMAC_LIKE and config.get("map_name") is not None:
         return str(config["map_name"])
-    if config.get("scenario") is not None:
+    if env == "mamujoco" and config.get("scenario") is not None:
         conf = config.get("agent_conf")
         return f"{config['scenario']}-{conf}" if conf is not None else str(config["scenario"])
     return None
 
 
-def _identity(run_dir: Path, root: Path, config: dict[str, Any]) -> dict[str, Any]:
+def _identity(run_dir: Path, root: Path, config: dict[str, Any],
+              summary: dict[str, Any] | None = None) -> dict[str, Any]:
     """env/task/algo/exp_name/seed of a run.
 
     The last five components of the path relative to ``root`` are
     ``<env>/<task>/<algo>/<exp_name>/seed-<n>``; components the relative path lacks come
-    from ``config.yaml``, and failing that from the absolute path.
+    from ``config.yaml`` (the task: from summary.json, which the runner writes with the
+    family's own name, or from the known families' task flags), and failing that from the
+    absolute path.
     """
     names = ("env", "task", "algo", "exp_name", "seed")
     rel = run_dir.relative_to(root).parts[-5:]
@@ -117,7 +120,7 @@ def _identity(run_dir: Path, root: Path, config: dict[str, Any]) -> dict[str, An
         del from_path["seed"]  # last component is not seed-<n>: take the seed from config
     from_config = {
         "env": config.get("env"),
-        "task": _task_from_config(config),
+        "task": (summary or {}).get("task") or _task_from_config(config),
         "algo": config.get("algo"),
         "exp_name": config.get("exp_name"),
         "seed": config.get("seed"),
@@ -145,8 +148,9 @@ def load_run(run_dir: Path, root: Path) -> Run:
     except pd.errors.EmptyDataError:
         metrics = pd.DataFrame()
     config = _read_yaml(run_dir / "config.yaml")
-    return Run(path=run_dir, metrics=metrics, summary=_read_json(run_dir / "summary.json"),
-               config=config, **_identity(run_dir, root, config))
+    summary = _read_json(run_dir / "summary.json")
+    return Run(path=run_dir, metrics=metrics, summary=summary, config=config,
+               **_identity(run_dir, root, config, summary))
 
 
 def discover_runs(root: str | Path) -> list[Run]:
