@@ -57,6 +57,12 @@ class EnvSpec:
     # every completed record carries each of them; they become train_/eval_<name> columns.
     episode_metrics: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        kinds = {a.action_kind for a in self.agents}
+        if len(kinds) != 1 or not kinds <= {"continuous", "discrete"}:
+            raise ValueError(f"{self.name}: every agent's action_kind must be 'continuous', or every "
+                             f"agent's 'discrete'; got {[a.action_kind for a in self.agents]}")
+
     @property
     def n_agents(self) -> int:
         return len(self.agents)

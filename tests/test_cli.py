@@ -190,6 +190,15 @@ def test_names_listed_twice_agree():
     assert FAMILIES.keys() == TASK_FLAGS.keys()
 
 
+def test_an_env_spec_mixing_action_kinds_is_refused():
+    """The policies and buffers pick one head type from the spec: mixing kinds would break."""
+    from envs.base import AgentSpec, EnvSpec
+
+    EnvSpec("x", (AgentSpec(3, "discrete", 4), AgentSpec(5, "discrete", 2)), state_dim=4, episode_limit=10)
+    with pytest.raises(ValueError, match="action_kind"):
+        EnvSpec("x", (AgentSpec(3, "discrete", 4), AgentSpec(3, "continuous", 2)), state_dim=4, episode_limit=10)
+
+
 def test_evaluation_inputs_get_the_buffers_dtypes():
     """An env handing out float64 observations trains (the buffers are float32) and must
     evaluate too: the policy's weights are float32."""
