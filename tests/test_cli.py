@@ -225,6 +225,14 @@ def test_a_bad_value_from_a_file_names_the_file():
     assert str(flagged.value).endswith("recurrent chunks per iteration")
 
 
+def test_mappo_and_ippo_share_parameters_by_default():
+    """Swimmer 2x1 has no task file: the per-algorithm defaults show."""
+    bare = ["--scenario", "Swimmer", "--agent_conf", "2x1"]
+    assert [load_config([*bare, "--algo", a]).share_param for a in ("happo", "hatrpo", "mappo", "ippo")] == \
+        [False, False, True, True]
+    assert load_config([*bare, "--algo", "mappo", "--no-share_param"]).share_param is False
+
+
 def test_hatrpo_defaults_to_no_entropy_bonus_unless_a_file_or_flag_sets_one():
     """The PPO family's entropy default (0.01) is not HATRPO's (the paper's objective has none).
     Swimmer 2x1 has no task file, so the defaults show."""
@@ -294,6 +302,16 @@ def test_resume_cannot_change_what_the_run_computes(finished_run, capsys):
     before = snapshot(finished_run)
     rc, out, err = run_main(capsys, ["--resume", str(finished_run), "--lr", "0.1", "--num_env_steps", "200"])
     assert_usage_error(rc, err, "--lr", "resum")
+    assert snapshot(finished_run) == before
+
+
+def test_resume_cannot_change_the_env_workers(finished_run, capsys):
+    """The checkpoint holds the environments' state split over the run's workers (resuming
+    with another count raised KeyError in set_state, both ways)."""
+    before = snapshot(finished_run)
+    rc, out, err = run_main(capsys, ["--resume", str(finished_run), "--n_env_workers", "2",
+                                     "--num_env_steps", "200"])
+    assert_usage_error(rc, err, "--n_env_workers cannot change when resuming (the run used 1)")
     assert snapshot(finished_run) == before
 
 

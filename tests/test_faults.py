@@ -606,12 +606,17 @@ def test_chaos_comparison_catches_gaps_duplicates_and_divergence():
     assert diverged["first_differing_env_steps"] == 1000
 
 
-@pytest.mark.parametrize("argv", [["--kills", "-1"], ["--resume", "x"], ["--seed", "1,2"], ["--lr", "abc"]])
+# the last: 30 iterations with a checkpoint every 25 leave no room for 3 kills
+@pytest.mark.parametrize("argv", [["--kills", "-1"], ["--resume", "x"], ["--seed", "1,2"], ["--lr", "abc"],
+                                  ["--num_env_steps", "3000", "--n_rollout_threads", "2", "--episode_length", "50",
+                                   "--save_interval", "25", "--kills", "3"]])
 def test_chaos_bad_flags_exit_2_before_running_anything(capsys, tmp_path, argv):
     from train.chaos import main as chaos_main
 
     rc = chaos_main([*argv, "--chaos_dir", str(tmp_path / "chaos")])
     out, err = capsys.readouterr()
+    if "--save_interval" in argv:
+        assert "--kills 3 needs more than 3 checkpoints" in err
     assert rc == 2 and err.startswith("error: ") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "chaos").exists()
 

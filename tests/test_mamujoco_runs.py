@@ -196,7 +196,8 @@ def test_resume_continues_exactly_and_matches_a_straight_run(tmp_path, algo, eva
 def test_eval_only_prints_json(tmp_path, capsys, monkeypatch):
     assert train(tmp_path, "--algo", "mappo", "--num_env_steps", "100") == 0
     directory = run_dir(tmp_path, "mappo")
-    capsys.readouterr()
+    # the last line of a finished run, with or without the progress line
+    assert "done: 100 env steps in" in capsys.readouterr().out.strip().splitlines()[-1]
     import train.train as train_module
 
     def resolve_for_training(argv):  # the run's config comes from its checkpoint instead
