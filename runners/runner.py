@@ -143,14 +143,20 @@ class Runner:
         if done.any():  # the last state of an episode feeds the truncation bootstrap
             named += [("final global state", step.final_state[done])]
             named += [(f"final observation of agent {i}", o[done]) for i, o in enumerate(step.final_obs)]
+        steps = self.env_steps + (t + 1) * self.config.n_rollout_threads
         for what, array in named:
             if not np.isfinite(array).all():
                 bad = np.argwhere(~np.isfinite(array.reshape(array.shape[0], -1)))[0][0]
                 if what.startswith("final"):
                     bad = np.flatnonzero(done)[bad]
-                steps = self.env_steps + (t + 1) * self.config.n_rollout_threads
                 raise NumericalError(f"non-finite {what} from env {bad} at env step {steps} "
                                      f"(collecting for update {self.iteration + 1})")
+        # With no action available the masked policy would sample among unavailable ones.
+        for i, avail in enumerate(step.avail_actions or ()):
+            none = ~avail.any(axis=1)
+            if none.any():
+                raise NumericalError(f"agent {i} has no available action in env {np.flatnonzero(none)[0]} at "
+                                     f"env step {steps} (an env keeps at least one, e.g. a no-op for dead agents)")
 
     def collect(self) -> None:
         buf, algo, E = self.buffer, self.algo, self.config.n_rollout_threads

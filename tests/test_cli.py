@@ -199,6 +199,22 @@ def test_an_env_spec_mixing_action_kinds_is_refused():
         EnvSpec("x", (AgentSpec(3, "discrete", 4), AgentSpec(3, "continuous", 2)), state_dim=4, episode_limit=10)
 
 
+def test_a_step_without_any_available_action_stops_the_run():
+    import numpy as np
+    from types import SimpleNamespace
+
+    from runners.runner import NumericalError, Runner
+
+    avail = np.ones((3, 4), bool)
+    step = SimpleNamespace(reward=np.zeros(3), state=np.zeros((3, 2)), obs=[np.zeros((3, 2))],
+                           terminated=np.zeros(3, bool), truncated=np.zeros(3, bool), avail_actions=[avail])
+    runner = SimpleNamespace(env_steps=0, iteration=0, config=SimpleNamespace(n_rollout_threads=3))
+    Runner._check_finite(runner, step, 0)
+    avail[2] = False
+    with pytest.raises(NumericalError, match="agent 0 has no available action in env 2"):
+        Runner._check_finite(runner, step, 0)
+
+
 def test_evaluation_inputs_get_the_buffers_dtypes():
     """An env handing out float64 observations trains (the buffers are float32) and must
     evaluate too: the policy's weights are float32."""
