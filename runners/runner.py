@@ -290,6 +290,13 @@ class Runner:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once; the last checkpoint is intact
         self.stop_signal = signum
 
+    def _stop_at(self, point: dict) -> int:
+        """Save ``point`` (a ``resume_point``) and stop as interrupted (exit status 130)."""
+        path = self.save(point)
+        print(f"\ninterrupted: checkpoint at {point['counters']['env_steps']} env steps saved to "
+              f"{path}; continue with --resume {self.run_dir}", flush=True)
+        return 130
+
     def run(self) -> int:
         cfg = self.config
         self._session_start = time.time()
@@ -297,10 +304,7 @@ class Runner:
         window_start, window_steps = time.time(), self.env_steps
         try:
             if self.stop_signal is not None:  # received while starting up (train.train.StartupSignals)
-                path = self.save(self.resume_point())
-                print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved to {path}; "
-                      f"continue with --resume {self.run_dir}", flush=True)
-                return 130
+                return self._stop_at(self.resume_point())
             while self.env_steps < cfg.num_env_steps:
                 point = self.resume_point()
                 try:
@@ -319,10 +323,7 @@ class Runner:
                           f"checkpoint at {self.env_steps} env steps saved to {path}", flush=True)
                     return 1
                 except Interrupted:
-                    path = self.save(point)
-                    print(f"\ninterrupted: checkpoint at {point['counters']['env_steps']} env steps saved to "
-                          f"{path}; continue with --resume {self.run_dir}", flush=True)
-                    return 130
+                    return self._stop_at(point)
                 t0 = time.perf_counter()
                 self.algo.iteration = self.iteration + 1
                 self.algo.set_progress(self.env_steps / cfg.num_env_steps)

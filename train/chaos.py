@@ -56,10 +56,15 @@ def read_rows(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def iterations(config: dict[str, Any]) -> tuple[int, int]:
+    """(env steps per iteration, iterations the run trains for)."""
+    per_iter = int(config["n_rollout_threads"]) * int(config["episode_length"])
+    return per_iter, -(-int(config["num_env_steps"]) // per_iter)
+
+
 def expected_env_steps(config: dict[str, Any]) -> list[int]:
     """env_steps of every row the runner writes: each log interval, each evaluation, the last."""
-    per_iter = int(config["n_rollout_threads"]) * int(config["episode_length"])
-    n_iter = -(-int(config["num_env_steps"]) // per_iter)
+    per_iter, n_iter = iterations(config)
     out = []
     for i in range(1, n_iter + 1):
         evaluated = config["use_eval"] and i % int(config["eval_interval"]) == 0
@@ -164,17 +169,16 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(flags)  # validates every flag before anything runs
         # Every kill lands after a checkpoint the killed process wrote itself, so the run must
         # write more checkpoints than there are kills (the last one is at the end).
-        per_iteration = config.n_rollout_threads * config.episode_length
-        iterations = -(-config.num_env_steps // per_iteration)
+        _, n_iter = iterations(config.to_dict())
         if _flag_value(flags, "--save_interval", "--save-interval") is None:
-            interval = max(1, iterations // (2 * opts.kills + 2))
+            interval = max(1, n_iter // (2 * opts.kills + 2))
             if interval < config.save_interval:
                 flags += ["--save_interval", str(interval)]
                 config = load_config(flags)
-        if opts.kills and iterations // config.save_interval < opts.kills + 1:
+        if opts.kills and n_iter // config.save_interval < opts.kills + 1:
             raise ConfigError(f"--kills {opts.kills} needs more than {opts.kills} checkpoints before the last "
-                              f"iteration; {iterations} iterations with --save_interval {config.save_interval} "
-                              f"write {iterations // config.save_interval}: lower --save_interval or raise "
+                              f"iteration; {n_iter} iterations with --save_interval {config.save_interval} "
+                              f"write {n_iter // config.save_interval}: lower --save_interval or raise "
                               "--num_env_steps")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

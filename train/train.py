@@ -118,8 +118,6 @@ def evaluate_only(config: Config, given: dict) -> int:
     return 0
 
 
-
-
 def is_sweep(argv: list[str]) -> bool:
     """A comma list in a sweepable flag (or a sweep-only flag) makes this a sweep."""
     for k, token in enumerate(argv):
@@ -161,13 +159,6 @@ def remove_empty(directories: list[Path]) -> None:
     for d in directories:
         if d.is_dir() and not any(d.iterdir()):
             d.rmdir()
-
-
-def stopped_early(startup: StartupSignals, new_dirs: list[Path]) -> int:
-    remove_empty(new_dirs)
-    print(f"interrupted ({signal.Signals(startup.received).name}) before training started; "
-          "nothing was changed", file=sys.stderr)
-    return 130
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,8 +216,11 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
 
-        if startup.received is not None:
-            return stopped_early(startup, new_dirs)
+        if startup.received is not None:  # before the runner is built: nothing to save
+            remove_empty(new_dirs)
+            print(f"interrupted ({signal.Signals(startup.received).name}) before training started; "
+                  "nothing was changed", file=sys.stderr)
+            return 130
 
         try:
             threads = set_threads(config.torch_threads)
