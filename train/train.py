@@ -17,6 +17,7 @@ from pathlib import Path
 from train.config import (RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
                           parse_flags, read_yaml, save_config)
 from train.sweep import SWEEP_ONLY, SWEEPABLE
+from utils import provenance
 from utils.checkpoint import CheckpointError
 
 
@@ -213,6 +214,7 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
                 raise ConfigError(f"run directory {run_dir} already holds a run; continue it with "
                                   f"--resume {run_dir} or choose another --exp_name/--seed")
             ensure_writable(run_dir, "--results_dir")
+        record = provenance.session_record(argv)  # git runs here, before JAX starts threads
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
 
@@ -232,9 +234,14 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
             raise
         startup.hand_over(runner)  # from here a signal stops the run with a checkpoint (Runner.run)
         save_config(config, run_dir / "config.yaml")  # on --resume too: its runtime flags (steps, ...)
+        record.update(device=str(device), torch_threads=threads)
+        code_note = provenance.code_change_note(provenance.read_sessions(run_dir), record)
+        provenance.append_session(run_dir, record)
         print(f"{config.algo} on {runner.spec.name}: {runner.spec.n_agents} agents, obs "
               f"{[a.obs_dim for a in runner.spec.agents]}, actions {[a.action_dim for a in runner.spec.agents]}; "
               f"device {device}, {threads} torch thread(s); run dir {run_dir}", flush=True)
+        if code_note:
+            print(code_note, file=sys.stderr, flush=True)
         return runner.run()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
