@@ -383,3 +383,21 @@ def test_plot_sh_without_venv_gives_hint(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_table_warns_when_a_groups_runs_ran_different_code(tmp_path, capsys):
+    def sessions(run_dir, *revisions):
+        (run_dir / "run_info.json").write_text(json.dumps({"sessions": [
+            {"git": None if rev is None else {"commit": rev[0] * 40, "diff_sha256": rev[1]}}
+            for rev in revisions]}))
+    same = [linear_seed(tmp_path, s, 0.0, 0, 100, 10, algo="hatrpo") for s in (1, 2)]
+    for run_dir in same:
+        sessions(run_dir, ("a", None))
+    mixed = [linear_seed(tmp_path, s, 0.0, 0, 100, 10) for s in (1, 2, 3)]
+    sessions(mixed[0], ("a", None))
+    sessions(mixed[1], ("a", None), ("a", "c" * 64))  # resumed on uncommitted changes
+    sessions(mixed[2], None)  # git unknown
+    assert plot.main([str(tmp_path), "--table-only"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: HalfCheetah-2x3 happo: its 3 run(s) ran 3 code revisions "
+                        "(?, aaaaaaaaaa, aaaaaaaaaa+cccccccc); see each run's run_info.json"]

@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     metric = args.metric or analysis.default_metric(runs)
     analysis.check_metric(runs, metric)
 
+    for line in analysis.mixed_revisions(runs):
+        print(f"warning: {line}", file=sys.stderr)
     rows = analysis.final_table(runs, metric)
     if not rows:
         raise analysis.AnalysisError(analysis.no_values_message(runs, metric))

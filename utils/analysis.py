@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from utils import provenance
+
 SMAC_LIKE = ("smac", "smax")
 # metric name -> key in summary.json holding its final value (other metrics: same name)
 SUMMARY_KEYS = {"eval_return": "eval_return_mean", "eval_win_rate": "eval_win_rate"}
@@ -61,6 +63,7 @@ class Run:
     metrics: pd.DataFrame
     summary: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    revisions: list[str] = field(default_factory=list)  # code of each session (run_info.json)
 
     @property
     def is_smac_like(self) -> bool:
@@ -150,7 +153,33 @@ def load_run(run_dir: Path, root: Path) -> Run:
     config = _read_yaml(run_dir / "config.yaml")
     summary = _read_json(run_dir / "summary.json")
     return Run(path=run_dir, metrics=metrics, summary=summary, config=config,
-               **_identity(run_dir, root, config, summary))
+               revisions=_revisions(run_dir), **_identity(run_dir, root, config, summary))
+
+
+def _revisions(run_dir: Path) -> list[str]:
+    """One label per session in run_info.json: the commit's first 10 hex digits, plus the
+    first 8 of the uncommitted diff's hash ("<commit>+<diff>"); "?" where git was unknown."""
+    labels = []
+    for session in provenance.read_sessions(run_dir):
+        rev = session.get("git") if isinstance(session, dict) else None
+        if not isinstance(rev, dict) or not rev.get("commit"):
+            labels.append("?")
+            continue
+        diff = rev.get("diff_sha256")
+        labels.append(str(rev["commit"])[:10] + (f"+{str(diff)[:8]}" if diff else ""))
+    return labels
+
+
+def mixed_revisions(runs: list[Run]) -> list[str]:
+    """One line per task x algo group whose runs did not all run the same code, naming the
+    revisions (a resumed run counts every session's). Runs without run_info.json are skipped."""
+    lines = []
+    for (task, algo), group in group_runs(runs).items():
+        revisions = sorted({label for r in group for label in r.revisions})
+        if len(revisions) > 1:
+            lines.append(f"{task} {algo}: its {len(group)} run(s) ran {len(revisions)} code "
+                         f"revisions ({', '.join(revisions)}); see each run's run_info.json")
+    return lines
 
 
 def discover_runs(root: str | Path) -> list[Run]:
