@@ -26,7 +26,7 @@ from envs.registry import make_vec_env, task_name
 from runners.evaluate import env_seed, eval_seed, evaluate
 from utils.buffer import RolloutBuffer
 from utils.checkpoint import CheckpointError, atomic_write_bytes, save_checkpoint
-from utils.logger import MetricsLogger
+from utils.logger import MetricsLogger, resident_mb
 
 
 
@@ -279,6 +279,7 @@ class Runner:
         row.update(stats)
         row.update({f"time/{k}": round(v, 4) for k, v in sorted(self.phase.items())})
         row["env_restarts"] = self.env_restarts
+        row["rss_mb"] = round(resident_mb(), 1)
         return row
 
     def elapsed(self) -> float:

@@ -31,7 +31,7 @@ TINY = ["--n_rollout_threads", str(E), "--episode_length", str(T), "--hidden_siz
         "--ppo_epoch", "1", "--critic_epoch", "1", "--eval_episodes", "1", "--n_eval_rollout_threads", "1",
         "--log_interval", "1", "--device", "cpu", "--torch_threads", "1", "--no-progress", "--no-tensorboard"]
 ALGOS = ("happo", "hatrpo", "mappo", "ippo")
-VOLATILE = ("wall_seconds", "sps")  # plus every time/* column
+VOLATILE = ("wall_seconds", "sps", "rss_mb")  # plus every time/* column
 
 
 def run_dir(results: Path, algo: str, task: str = "HalfCheetah-2x3", exp: str = "default", seed: int = 1) -> Path:
@@ -68,6 +68,7 @@ def check_run_files(directory: Path, budget: int, n_agents: int, algo: str) -> l
     header = rows[0].keys()
     for column in ("env_steps", "wall_seconds", "sps", "train_episode_return", "eval_return"):
         assert column in header, column
+    assert all(100 < float(r["rss_mb"]) < 20_000 for r in rows)  # torch alone is > 100 MB
     per_agent = {"happo": ("clip_fraction", "M_mean", "M_std", "M_min", "M_max"),
                  "hatrpo": ("kl", "accepted", "ls_steps")}.get(algo, ())
     for i in range(n_agents):

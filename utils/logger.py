@@ -13,6 +13,21 @@ from typing import Any
 from utils.checkpoint import CheckpointError, atomic_write_bytes
 
 
+def resident_mb() -> float:
+    """Resident memory of this process and its children (env worker processes), in MB:
+    logged with every row so memory that grows over a long run shows up in the curves."""
+    import psutil
+
+    proc = psutil.Process()
+    total = proc.memory_info().rss
+    for child in proc.children(recursive=True):
+        try:
+            total += child.memory_info().rss
+        except psutil.Error:  # exited between the listing and the read
+            pass
+    return total / 2**20
+
+
 def _format(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
