@@ -72,5 +72,6 @@ def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False, **kwa
     if workers > 1 and not evaluation and not kwargs:
         from envs.workers import WorkerVecEnv
 
-        return WorkerVecEnv(functools.partial(_make_in_process, config), n_envs, workers, seed)
+        return WorkerVecEnv(functools.partial(_make_in_process, config), n_envs, workers, seed,
+                            timeout=getattr(config, "env_worker_timeout", 0.0))
     return _make_in_process(config, n_envs, seed, evaluation, **kwargs)

@@ -9,8 +9,10 @@ seed; ``restart`` replaces a dead worker process.
 """
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import signal
+import time
 import traceback
 from multiprocessing import shared_memory
 from typing import Any, Callable
@@ -138,8 +140,10 @@ class WorkerVecEnv(VecEnv):
     the copies ``[w * n_local, (w + 1) * n_local)`` and seed ``seed + w * n_local``.
     """
 
-    def __init__(self, make_env: Callable[[int, int], VecEnv], n_envs: int, n_workers: int, seed: int):
+    def __init__(self, make_env: Callable[[int, int], VecEnv], n_envs: int, n_workers: int, seed: int,
+                 timeout: float = 0.0):
         self.n_envs, self.n_workers = n_envs, n_workers
+        self.timeout = timeout  # seconds to wait for one answer; 0 = forever
         self.n_local = n_envs // n_workers
         self._make_env, self._seed = make_env, seed
         probe = make_env(1, seed)  # the spec, without a round trip
@@ -169,10 +173,18 @@ class WorkerVecEnv(VecEnv):
     def _receive(self, w: int):
         conn = self._conns[w]
         first = w * self.n_local
+        deadline = time.monotonic() + self.timeout if self.timeout > 0 else math.inf
         try:
             while not conn.poll(1.0):
                 if not self._procs[w].is_alive():
                     raise EOFError
+                if time.monotonic() > deadline:  # hung: a live process that never answers
+                    self._procs[w].kill()
+                    self._procs[w].join(timeout=5.0)
+                    raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
+                                   f"{self._seed + first}) did not answer within {self.timeout:g} s "
+                                   "(--env_worker_timeout) and was killed", env_index=first,
+                                   seed=self._seed + first)
             status, payload = conn.recv()
         except (EOFError, ConnectionResetError, BrokenPipeError, OSError):
             code = self._procs[w].exitcode

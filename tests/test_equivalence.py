@@ -103,6 +103,33 @@ def test_dead_worker_is_reported_and_replaced():
         env.close()
 
 
+def test_hung_worker_is_killed_after_the_timeout_and_replaced():
+    """A worker that is alive but never answers (here: stopped with SIGSTOP) would block the
+    run forever; after --env_worker_timeout it is killed and reported like a dead one."""
+    import os
+    import signal
+    import time
+
+    from envs.base import EnvError
+    from envs.registry import make_vec_env
+
+    env = make_vec_env(Config(n_rollout_threads=4, n_env_workers=2, env_worker_timeout=2.0), 4, seed=1)
+    try:
+        env.reset(1)
+        hung = env._procs[1]
+        os.kill(hung.pid, signal.SIGSTOP)
+        actions = [np.zeros((4, 3), np.float32)] * 2
+        start = time.monotonic()
+        with pytest.raises(EnvError, match=r"worker 1 .*did not answer within 2 s \(--env_worker_timeout\)") as info:
+            env.step(actions)
+        assert 2.0 <= time.monotonic() - start < 15.0
+        assert info.value.env_index == 2 and not hung.is_alive()
+        env.restart(2)  # the runner's path for a failed copy: a fresh worker
+        assert env._procs[1] is not hung and np.isfinite(env.step(actions).state).all()
+    finally:
+        env.close()
+
+
 def test_metrics_row_summarises_every_update_of_its_window(tmp_path):
     """A row logged every 2 updates equals the per-update rows reduced: means for most
     diagnostics, the extreme for *_max / *_min (HATRPO's kl_max bounds every accepted step)."""

@@ -64,6 +64,8 @@ class Config:
     num_env_steps: int = 10_000_000  # training budget: env steps summed over the rollout envs
     n_rollout_threads: int = 20  # environments stepped in parallel
     n_env_workers: int = 1  # processes the rollout envs are split over (1 = in-process)
+    env_worker_timeout: float = 300.0  # seconds an env worker may take to answer; one that takes
+    # longer counts as hung: killed, then handled like a crashed one (--max_env_restarts); 0 = forever
     episode_length: int = 200  # rollout length T per iteration
     use_eval: bool = True  # evaluate the greedy policy every --eval_interval iterations and at the end
     eval_interval: int = 25  # iterations between evaluations
@@ -140,7 +142,8 @@ class Config:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"--{name} must be > 0; got {getattr(self, name)}")
         for name in ("entropy_coef", "value_loss_coef", "cg_damping", "weight_decay", "accept_ratio",
-                     "opti_eps", "gain", "max_env_restarts", "agent_obsk", "torch_threads"):
+                     "opti_eps", "gain", "max_env_restarts", "agent_obsk", "torch_threads",
+                     "env_worker_timeout"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name} must be >= 0; got {getattr(self, name)}")
         if not 0 < self.gamma <= 1:
@@ -200,7 +203,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # may differ when a run is resumed (--config, --model_dir and --eval_only are refused there).
 # Not --n_env_workers: a checkpoint holds the environments' state split over its workers.
 RUNTIME_FIELDS = ("resume", "results_dir", "device", "torch_threads",
-                  "progress", "wandb", "tensorboard", "max_env_restarts",
+                  "progress", "wandb", "tensorboard", "max_env_restarts", "env_worker_timeout",
                   "num_env_steps", "parallel_critic")
 
 
