@@ -1,6 +1,10 @@
 """bash scripts/bench.sh's contract: a last-line JSON with the figures the throughput issue
 names, on the reference implementation's 20 x 200 HalfCheetah rollout unless told otherwise."""
 import json
+import resource
+import subprocess
+import sys
+import time
 
 from train import bench
 
@@ -18,6 +22,10 @@ def test_bench_prints_the_figures_on_the_reference_rollout(capsys):
     assert "20x200" in result["workload"] and "happo" in result["workload"]
     assert result["env_steps"] == 2 * 20 * 200
     assert result["sps"] > 0 and result["env_only_sps"] > 0 and result["peak_rss_mb"] > 0
+    # In-process envs: no child lives through the run, so the peak is this process's own
+    # (the git call recording the run's revision must not add this process's size again).
+    own_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert result["peak_rss_mb"] <= own_mb + 1.0
     assert {"env", "inference", "buffer", "update"} <= set(result["seconds"])
 
 
@@ -26,3 +34,18 @@ def test_bench_rejects_bad_input(capsys):
     assert bench.main(["--algo", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+
+
+def test_child_peaks_counts_the_memory_of_live_children():
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(150 * 2**20); "
+                              "x[::4096] = b'1' * len(x[::4096]); time.sleep(30)"])
+    try:
+        peaks = bench.ChildPeaks()
+        deadline = time.monotonic() + 20
+        while peaks.peak_kib < 150 * 1024 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            peaks.sample()
+        assert 150 <= peaks.peak_kib / 1024 < 400
+    finally:
+        child.kill()
+        child.wait()

@@ -20,6 +20,7 @@ import json
 import resource
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -27,11 +28,53 @@ import numpy as np
 import torch
 
 
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process plus its largest child (Linux: KiB units)."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return (own + children) / 1024.0
+def _peak_kib(pid: int) -> int:
+    """A live process's peak resident set size (VmHWM in /proc/<pid>/status), KiB."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return 0
+
+
+class ChildPeaks(threading.Thread):
+    """Samples the summed peak resident memory of this process's children (env workers)
+    every ``interval`` seconds while the workload runs.
+
+    Not ``getrusage(RUSAGE_CHILDREN)``: a child started by fork or vfork and then exec
+    reports this process's peak at that moment as its own maximum, so the git call that
+    records a run's revision (utils/provenance.py) would count as ~220 MB.
+    """
+
+    def __init__(self, interval: float = 0.25):
+        super().__init__(daemon=True)
+        self.interval, self.peak_kib = interval, 0
+        self._done = threading.Event()
+
+    def sample(self) -> None:
+        import psutil
+
+        total = 0
+        for child in psutil.Process().children(recursive=True):
+            try:
+                total += _peak_kib(child.pid)
+            except (OSError, ValueError):  # exited meanwhile
+                pass
+        self.peak_kib = max(self.peak_kib, total)
+
+    def run(self) -> None:
+        while not self._done.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join()
+        return self.peak_kib
+
+
+def peak_rss_mb(children_kib: int) -> float:
+    """This process's peak resident set size plus its children's (sampled), in MB."""
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + children_kib) / 1024.0
 
 
 def random_actions(spec, step, rng: np.random.Generator, E: int) -> list[np.ndarray]:
@@ -83,9 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                         "--no-tensorboard", "--no-progress"]
         if "--device" not in rest:
             flags += ["--device", "cpu"]
+        children = ChildPeaks()
+        children.start()
         start = time.time()
         code = train_main(flags)
         wall = time.time() - start
+        children_kib = children.stop()
         if code != 0:
             return code
         run_dir = next(Path(tmp).rglob("summary.json")).parent
@@ -130,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
               "sps": round(steady_steps / steady_seconds, 1), "env_only_sps": round(env_only_sps, 1),
               "seconds": {k: round(v, 3) for k, v in phases.items()},
               "sps_with_startup": round(total / train_seconds, 1), "train_seconds": round(train_seconds, 3),
-              "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+              "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(children_kib), 1),
               "torch_threads": torch.get_num_threads()}
     print(json.dumps(result))
     return 0
