@@ -32,8 +32,9 @@ MAX_LISTED_CHANGES = 50  # changed files listed for a dirty tree (the count is a
 def git_revision(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
     """{"commit", "dirty", "n_changed", "changed": [paths], "diff_sha256"} of the checkout
     at ``root``; ``diff_sha256`` (of ``git diff HEAD``, None when clean) tells two dirty
-    sessions on one commit apart. None where ``root`` is not a git checkout or git is missing (a copied tree). Untracked
-    files are not counted: results directories and venvs live in the tree.
+    sessions on one commit apart. None where ``root`` is not a git checkout or git is
+    missing (a copied tree). Untracked files are not counted: results directories and
+    venvs live in the tree.
     """
     def git(*args: str) -> bytes:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=10,
