@@ -66,7 +66,7 @@ def test_a_note_only_when_the_code_differs():
     note = provenance.code_change_note([session(a), session(a)], session(b))
     assert note.startswith("note: ") and "a" * 10 in note and "b" * 10 in note
     note = provenance.code_change_note([session(a)], session(a, diff="c" * 64))
-    assert "uncommitted changes (diff cccccccc)" in note
+    assert f"runs {'a' * 10}+cccccccc (+: uncommitted changes" in note
     assert provenance.code_change_note([session(a, "c" * 64)], session(a, "c" * 64)) is None
     assert provenance.code_change_note([session(a, "c" * 64)], session(a, "d" * 64)) is not None
 

@@ -157,17 +157,9 @@ def load_run(run_dir: Path, root: Path) -> Run:
 
 
 def _revisions(run_dir: Path) -> list[str]:
-    """One label per session in run_info.json: the commit's first 10 hex digits, plus the
-    first 8 of the uncommitted diff's hash ("<commit>+<diff>"); "?" where git was unknown."""
-    labels = []
-    for session in provenance.read_sessions(run_dir):
-        rev = session.get("git") if isinstance(session, dict) else None
-        if not isinstance(rev, dict) or not rev.get("commit"):
-            labels.append("?")
-            continue
-        diff = rev.get("diff_sha256")
-        labels.append(str(rev["commit"])[:10] + (f"+{str(diff)[:8]}" if diff else ""))
-    return labels
+    """One ``provenance.revision_label`` per session in run_info.json."""
+    return [provenance.revision_label(session.get("git") if isinstance(session, dict) else None)
+            for session in provenance.read_sessions(run_dir)]
 
 
 def mixed_revisions(runs: list[Run]) -> list[str]:

@@ -84,20 +84,24 @@ def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
     return sessions if isinstance(sessions, list) else []
 
 
+def revision_label(rev: dict[str, Any] | None) -> str:
+    """"<commit[:10]>", "<commit[:10]>+<diff_sha256[:8]>" for uncommitted changes, or "?"
+    where the revision is unknown."""
+    if not isinstance(rev, dict) or not rev.get("commit"):
+        return "?"
+    diff = rev.get("diff_sha256")
+    return str(rev["commit"])[:10] + (f"+{str(diff)[:8]}" if diff else "")
+
+
 def code_change_note(previous: list[dict[str, Any]], record: dict[str, Any]) -> str | None:
     """One line when this session runs other code than the run's last session did."""
     if not previous:
         return None
-    before, now = previous[-1].get("git"), record.get("git")
-    if not before or not now:
+    before, now = revision_label(previous[-1].get("git")), revision_label(record.get("git"))
+    if before == now or "?" in (before, now):
         return None
-
-    def label(rev: dict) -> str:
-        diff = rev.get("diff_sha256")
-        return rev["commit"][:10] + (f" with uncommitted changes (diff {diff[:8]})" if diff else "")
-    if (before["commit"], before.get("diff_sha256")) == (now["commit"], now.get("diff_sha256")):
-        return None
-    return f"note: this run's last session ran {label(before)}; this one runs {label(now)} (see {RUN_INFO})"
+    return (f"note: this run's last session ran {before}; this one runs {now} (+: uncommitted "
+            f"changes, by diff hash; see {RUN_INFO})")
 
 
 def append_session(run_dir: Path, record: dict[str, Any]) -> None:
