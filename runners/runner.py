@@ -26,6 +26,7 @@ from envs.registry import make_vec_env, task_name
 from runners.evaluate import env_seed, eval_seed, evaluate
 from utils.buffer import RolloutBuffer
 from utils.checkpoint import CheckpointError, atomic_write_bytes, save_checkpoint
+from utils.device import rebalance_threads, release_cores
 from utils.logger import MetricsLogger, resident_mb
 
 
@@ -307,6 +308,7 @@ class Runner:
             if self.stop_signal is not None:  # received while starting up (train.train.StartupSignals)
                 return self._stop_at(self.resume_point())
             while self.env_steps < cfg.num_env_steps:
+                rebalance_threads()  # --torch_threads 0: other runs may have started or ended
                 point = self.resume_point()
                 try:
                     self.collect()
@@ -369,6 +371,7 @@ class Runner:
             print(f"\nerror: {exc}", flush=True)
             return 1
         finally:
+            release_cores()  # other runs on this machine may take this run's cores
             for s, handler in previous.items():
                 signal.signal(s, handler)
             self.logger.close()

@@ -46,7 +46,8 @@ class Config:
     results_dir: str = "results"  # runs go to <results_dir>/<env>/<task>/<algo>/<exp_name>/seed-<n>/
     config: str = ""  # extra YAML file (common:/<algo>: sections or flat keys)
     device: str = "auto"  # torch device; auto = cuda when available, else cpu
-    torch_threads: int = 0  # 0 = auto: the cores left free at start-up, 1..4 (utils/device.py)
+    torch_threads: int = 0  # 0 = auto: this run's share of the cores among the runs on the
+    # machine, re-read every iteration, 1..4, capped by the cores other programs left idle at start-up (utils/device.py)
     resume: str = ""  # run directory to continue from its last checkpoint
     eval_only: bool = False  # evaluate --model_dir and exit, no training
     model_dir: str = ""  # run directory or checkpoint file for --eval_only

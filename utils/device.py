@@ -1,8 +1,11 @@
 """Device choice and torch thread count."""
 from __future__ import annotations
 
+import atexit
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -56,9 +59,62 @@ def _idle_cores(cores: int, interval: float = 0.2) -> float:
     return min(cores, online * (idle1 - idle0) / (total1 - total0))
 
 
+class CoreShare:
+    """Splits the cores among the runs of this project on the machine (``--torch_threads 0``).
+
+    Auto threads used to be chosen once, from the cores idle at start-up. Two runs started
+    together both saw an idle machine and took 2 threads each on 2 cores: SMAX 3m HAPPO and
+    HATRPO then ran at 465 and 231 env-steps/s instead of ~13,000 and ~7,000 (threads
+    spin-waiting for a core they do not get). A run started beside a 2-thread run took 1
+    thread and the first kept 2: 4,500 + 9,000 env-steps/s, where one thread each gives
+    ~8,900 + 8,900. Now each run registers a file in ``directory`` (named by its pid,
+    holding the process's start time so a reused pid does not count) and takes
+    ``cores // live runs`` threads, re-read every iteration (``Runner`` calls
+    :func:`rebalance_threads`), never more than ``cap``.
+    """
+
+    def __init__(self, cores: int, cap: int, directory: Path | None = None):
+        self.cores, self.cap = cores, cap
+        self.directory = directory or Path(tempfile.gettempdir()) / f"harl-lite-runs-{os.getuid()}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / str(os.getpid())
+        self.path.write_text(str(_start_time(os.getpid())))
+
+    def live_runs(self) -> int:
+        """Registered runs whose process is still the one that registered (this one included)."""
+        live = 0
+        for entry in self.directory.iterdir():
+            try:
+                pid, started = int(entry.name), float(entry.read_text())
+                alive = _start_time(pid) == started
+            except (ValueError, OSError):  # not a registration, or removed meanwhile
+                alive = False
+            if alive:
+                live += 1
+            elif entry.name.isdigit():
+                entry.unlink(missing_ok=True)  # left by a killed run
+        return max(live, 1)
+
+    def threads(self) -> int:
+        return max(1, min(self.cap, self.cores // self.live_runs()))
+
+    def close(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _start_time(pid: int) -> float:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        return float(fh.read().rsplit(")", 1)[1].split()[19])
+
+
+_share: CoreShare | None = None  # this process's registration, with --torch_threads 0
+
+
 def set_threads(requested: int) -> int:
-    """Use ``requested`` intra-op threads, or, when 0 ("auto"), the cores left idle by
-    other processes at start-up (sampled from /proc/stat over 0.2 s), from 1 to 4.
+    """Use ``requested`` intra-op threads, or, when 0 ("auto"), this run's share of the cores
+    (:class:`CoreShare`), capped by the cores other processes left idle at start-up
+    (sampled from /proc/stat over 0.2 s) and by 4.
 
     Measured on the 2-core machine (docs/performance.md, HAPPO HalfCheetah 2x3 bench): on an
     idle machine 2 threads gave 5,308 env-steps/s against 4,701 with 1 thread (plus the
@@ -67,6 +123,7 @@ def set_threads(requested: int) -> int:
     busy machine gets 1 thread. Environments never step during an update here, so the
     update may use every free core; beyond 4 these small networks gain little.
     """
+    global _share
     if requested > 0:
         threads = requested
     else:
@@ -74,8 +131,38 @@ def set_threads(requested: int) -> int:
             cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not Linux
             cores = os.cpu_count() or 1
-        threads = max(1, min(4, int(_idle_cores(cores) + 0.5)))
+        try:
+            if _share is None:
+                _share = CoreShare(cores, cap=4)  # registered before sampling: runs started
+                atexit.register(release_cores)   # together see each other
+            others = _share.live_runs() > 1
+        except OSError:  # no /proc or no writable temp dir: the start-up sample alone
+            _share, others = None, False
+        idle = max(1, min(4, int(_idle_cores(cores) + 0.5)))
+        if _share is None:
+            threads = idle
+        else:
+            # Other runs' load is counted by the share; only other programs' load caps it.
+            _share.cap = 4 if others else idle
+            threads = _share.threads()
     tune_allocator()
     torch.set_num_threads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     return threads
+
+
+def rebalance_threads() -> int:
+    """With ``--torch_threads 0``: follow this run's share as other runs start and finish."""
+    if _share is not None:
+        threads = _share.threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def release_cores() -> None:
+    """Leave the share (the run is over): the other runs take the cores at their next iteration."""
+    global _share
+    if _share is not None:
+        _share.close()
+        _share = None
