@@ -281,6 +281,7 @@ class Runner:
         row.update({f"time/{k}": round(v, 4) for k, v in sorted(self.phase.items())})
         row["env_restarts"] = self.env_restarts
         row["rss_mb"] = round(resident_mb(), 1)
+        row["torch_threads"] = torch.get_num_threads()  # auto threads follow the other runs
         return row
 
     def elapsed(self) -> float:

@@ -66,7 +66,7 @@ def read_rows(directory: Path) -> list[dict[str, str]]:
 
 
 def volatile(column: str) -> bool:
-    return column in ("wall_seconds", "sps", "rss_mb") or column.startswith("time/")
+    return column in ("wall_seconds", "sps", "rss_mb", "torch_threads") or column.startswith("time/")
 
 
 def learning(rows: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -31,7 +31,7 @@ TINY = ["--n_rollout_threads", str(E), "--episode_length", str(T), "--hidden_siz
         "--ppo_epoch", "1", "--critic_epoch", "1", "--eval_episodes", "1", "--n_eval_rollout_threads", "1",
         "--log_interval", "1", "--device", "cpu", "--torch_threads", "1", "--no-progress", "--no-tensorboard"]
 ALGOS = ("happo", "hatrpo", "mappo", "ippo")
-VOLATILE = ("wall_seconds", "sps", "rss_mb")  # plus every time/* column
+VOLATILE = ("wall_seconds", "sps", "rss_mb", "torch_threads")  # plus every time/* column
 
 
 def run_dir(results: Path, algo: str, task: str = "HalfCheetah-2x3", exp: str = "default", seed: int = 1) -> Path:
