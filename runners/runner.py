@@ -309,7 +309,10 @@ class Runner:
             if self.stop_signal is not None:  # received while starting up (train.train.StartupSignals)
                 return self._stop_at(self.resume_point())
             while self.env_steps < cfg.num_env_steps:
-                rebalance_threads()  # --torch_threads 0: other runs may have started or ended
+                before, threads = rebalance_threads()  # --torch_threads 0: other runs started or ended
+                if threads != before:
+                    print(f"\ntorch threads: {before} -> {threads} (runs sharing this machine's cores "
+                          "changed; --torch_threads N fixes the count)", flush=True)
                 point = self.resume_point()
                 try:
                     self.collect()
@@ -367,6 +370,9 @@ class Runner:
             return 0
         except NumericalError as exc:
             print(f"\nerror: {exc}; stopped without saving, the last good checkpoint is kept", flush=True)
+            return 1
+        except EnvError as exc:  # outside the rollout (saving the envs' state, or a restart)
+            print(f"\nerror: {exc}; stopped without saving, the last checkpoint is kept", flush=True)
             return 1
         except CheckpointError as exc:
             print(f"\nerror: {exc}", flush=True)

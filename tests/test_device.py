@@ -2,7 +2,9 @@
 re-read every iteration. Other runs are stood in for by sleeping child processes."""
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,8 +24,9 @@ def sleeper():
     proc.wait()
 
 
-def register(directory, pid: int, started: float | None = None) -> None:
-    (directory / str(pid)).write_text(str(device._start_time(pid) if started is None else started))
+def register(directory, pid: int, **changes) -> None:
+    """A registration as CoreShare writes it, with ``changes`` to its identity fields."""
+    (directory / str(pid)).write_text(json.dumps({**device._identity(pid), **changes}))
 
 
 def test_live_runs_split_the_cores(tmp_path, sleeper):
@@ -43,10 +46,34 @@ def test_live_runs_split_the_cores(tmp_path, sleeper):
 
 def test_a_reused_pid_or_a_stray_file_does_not_count(tmp_path, sleeper):
     share = device.CoreShare(cores=2, cap=4, directory=tmp_path)
-    register(tmp_path, sleeper.pid, started=device._start_time(sleeper.pid) - 1)  # an older process's
+    started = device._identity(sleeper.pid)["start"]
+    register(tmp_path, sleeper.pid, start=started - 1)  # an older process's, pid since reused
     (tmp_path / "notes.txt").write_text("not a registration")
     assert share.live_runs() == 1 and share.threads() == 2
     assert (tmp_path / "notes.txt").exists() and not (tmp_path / str(sleeper.pid)).exists()
+    share.close()
+
+
+def test_registrations_being_written_or_from_elsewhere_are_left_alone(tmp_path, sleeper):
+    """A reader may see another run's file while it is written (empty): that run must not be
+    deleted. Runs in another pid namespace (container) cannot be checked: ignored, kept;
+    registrations from before a reboot are removed."""
+    share = device.CoreShare(cores=2, cap=4, directory=tmp_path)
+    (tmp_path / str(sleeper.pid)).write_text("")
+    assert share.live_runs() == 1 and (tmp_path / str(sleeper.pid)).exists()
+    register(tmp_path, sleeper.pid, pid_ns=-1)
+    assert share.live_runs() == 1 and (tmp_path / str(sleeper.pid)).exists()
+    register(tmp_path, sleeper.pid, boot="another boot")
+    assert share.live_runs() == 1 and not (tmp_path / str(sleeper.pid)).exists()
+    register(tmp_path, sleeper.pid)
+    assert share.live_runs() == 2
+    share.close()
+
+
+def test_a_removed_registry_is_rebuilt(tmp_path, sleeper):
+    share = device.CoreShare(cores=2, cap=4, directory=tmp_path / "runs")
+    shutil.rmtree(tmp_path / "runs")  # a temp cleaner
+    assert share.threads() == 2 and share.path.exists()
     share.close()
 
 
@@ -60,13 +87,16 @@ def test_auto_threads_follow_the_other_runs(tmp_path, monkeypatch, sleeper):
         assert device.set_threads(0) == 2  # alone on an idle 2-core machine
         registry = device._share.directory
         register(registry, sleeper.pid)  # a second run starts
-        assert device.rebalance_threads() == 1 == torch.get_num_threads()
+        assert device.rebalance_threads() == (2, 1) and torch.get_num_threads() == 1
         sleeper.kill()
         sleeper.wait()
-        assert device.rebalance_threads() == 2  # it ended: the cores come back
-        device.release_cores()
+        assert device.rebalance_threads() == (1, 2)  # it ended: the cores come back
+        shutil.rmtree(registry)  # a temp cleaner: the run goes on, registered again
+        assert device.rebalance_threads() == (2, 2) and (registry / str(os.getpid())).exists()
+        # An explicit count afterwards (same process) leaves the share: nothing rebalances it.
+        assert device.set_threads(3) == 3 and device._share is None
         assert not (registry / str(os.getpid())).exists()
-        assert device.set_threads(3) == 3 and device._share is None  # explicit: no share
+        assert device.rebalance_threads() == (3, 3)
     finally:
         device.release_cores()
         torch.set_num_threads(before)

@@ -331,6 +331,28 @@ def test_env_crash_without_restarts_stops_with_a_checkpoint_that_resumes(faulty,
     assert_same_learning(rows, reference_rows(tmp_path_factory, "--env", "faulty", *FAULT_FLAGS))
 
 
+def test_env_failure_outside_the_rollout_stops_with_one_line(faulty, capsys, tmp_path, monkeypatch):
+    """Saving the envs' state (every iteration's resume point) can fail too, e.g. a worker
+    that hangs there (--env_worker_timeout): one line and exit 1, not a traceback."""
+    from envs.base import EnvError
+
+    calls = []
+    original = faulty.FaultyVecEnv.get_state
+
+    def get_state(self):
+        calls.append(1)
+        if len(calls) == 3:
+            raise EnvError("env worker 0 (copies 0..1, seed 1) did not answer within 2 s "
+                           "(--env_worker_timeout) and was killed", env_index=0, seed=1)
+        return original(self)
+    monkeypatch.setattr(faulty.FaultyVecEnv, "get_state", get_state)
+    rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", tmp_path / "results",
+                                     *FAULT_FLAGS])
+    assert rc == 1 and "Traceback" not in out + err
+    [line] = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert "did not answer within 2 s" in line and "the last checkpoint is kept" in line
+
+
 def test_env_crash_with_a_restart_allowed_restarts_that_copy_and_finishes(faulty, capsys, tmp_path):
     faulty.reset_faults({"kind": "raise", "step": 130, "env": 1})
     results = tmp_path / "results"

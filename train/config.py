@@ -46,8 +46,9 @@ class Config:
     results_dir: str = "results"  # runs go to <results_dir>/<env>/<task>/<algo>/<exp_name>/seed-<n>/
     config: str = ""  # extra YAML file (common:/<algo>: sections or flat keys)
     device: str = "auto"  # torch device; auto = cuda when available, else cpu
-    torch_threads: int = 0  # 0 = auto: this run's share of the cores among the runs on the
-    # machine, re-read every iteration, 1..4, capped by the cores other programs left idle at start-up (utils/device.py)
+    torch_threads: int = 0  # 0 = auto: this run's share of the cores among this project's runs
+    # on the machine, re-read every iteration, 1..4; a run alone at start-up takes at most the
+    # cores other programs left idle (utils/device.py)
     resume: str = ""  # run directory to continue from its last checkpoint
     eval_only: bool = False  # evaluate --model_dir and exit, no training
     model_dir: str = ""  # run directory or checkpoint file for --eval_only

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import tempfile
 import time
@@ -67,31 +68,55 @@ class CoreShare:
     HATRPO then ran at 465 and 231 env-steps/s instead of ~13,000 and ~7,000 (threads
     spin-waiting for a core they do not get). A run started beside a 2-thread run took 1
     thread and the first kept 2: 4,500 + 9,000 env-steps/s, where one thread each gives
-    ~8,900 + 8,900. Now each run registers a file in ``directory`` (named by its pid,
-    holding the process's start time so a reused pid does not count) and takes
+    ~8,900 + 8,900. Now each run registers a file in ``directory`` and takes
     ``cores // live runs`` threads, re-read every iteration (``Runner`` calls
     :func:`rebalance_threads`), never more than ``cap``.
+
+    A registration is named by the pid and holds the process's identity: its start time (a
+    reused pid does not count), the boot and the pid namespace (runs in other containers
+    sharing the temp directory are neither counted nor removed). It is written under a
+    temporary name and renamed, so no reader ever sees half of one.
     """
 
     def __init__(self, cores: int, cap: int, directory: Path | None = None):
         self.cores, self.cap = cores, cap
-        self.directory = directory or Path(tempfile.gettempdir()) / f"harl-lite-runs-{os.getuid()}"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+        self.directory = directory or Path(tempfile.gettempdir()) / f"harl-lite-runs-{user}"
         self.path = self.directory / str(os.getpid())
-        self.path.write_text(str(_start_time(os.getpid())))
+        self.register()
+
+    def register(self) -> None:
+        """(Re)write this process's registration (also after a temp cleaner removed it)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(_identity(os.getpid())))
+        os.replace(tmp, self.path)
 
     def live_runs(self) -> int:
         """Registered runs whose process is still the one that registered (this one included)."""
+        if not self.path.exists():
+            self.register()
+        here = _identity(os.getpid())
         live = 0
         for entry in self.directory.iterdir():
+            if not entry.name.isdigit():  # a registration being written, or not ours
+                continue
             try:
-                pid, started = int(entry.name), float(entry.read_text())
-                alive = _start_time(pid) == started
-            except (ValueError, OSError):  # not a registration, or removed meanwhile
+                theirs = json.loads(entry.read_text())
+                same_namespace = (theirs["boot"], theirs["pid_ns"]) == (here["boot"], here["pid_ns"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # removed meanwhile, or unreadable: neither counted nor removed
+            if not same_namespace:
+                if theirs["boot"] != here["boot"]:
+                    entry.unlink(missing_ok=True)  # from before a reboot: surely dead
+                continue
+            try:
+                alive = _identity(int(entry.name))["start"] == theirs["start"]
+            except OSError:  # no such process
                 alive = False
             if alive:
                 live += 1
-            elif entry.name.isdigit():
+            else:
                 entry.unlink(missing_ok=True)  # left by a killed run
         return max(live, 1)
 
@@ -102,13 +127,18 @@ class CoreShare:
         self.path.unlink(missing_ok=True)
 
 
-def _start_time(pid: int) -> float:
-    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22)."""
+def _identity(pid: int) -> dict:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22), with this
+    machine's boot id and this process's pid namespace."""
     with open(f"/proc/{pid}/stat") as fh:
-        return float(fh.read().rsplit(")", 1)[1].split()[19])
+        start = float(fh.read().rsplit(")", 1)[1].split()[19])
+    with open("/proc/sys/kernel/random/boot_id") as fh:
+        boot = fh.read().strip()
+    return {"start": start, "boot": boot, "pid_ns": os.stat("/proc/self/ns/pid").st_ino}
 
 
 _share: CoreShare | None = None  # this process's registration, with --torch_threads 0
+_release_at_exit = False
 
 
 def set_threads(requested: int) -> int:
@@ -123,8 +153,9 @@ def set_threads(requested: int) -> int:
     busy machine gets 1 thread. Environments never step during an update here, so the
     update may use every free core; beyond 4 these small networks gain little.
     """
-    global _share
+    global _share, _release_at_exit
     if requested > 0:
+        release_cores()  # an earlier auto run in this process must not rebalance this one
         threads = requested
     else:
         try:
@@ -134,7 +165,9 @@ def set_threads(requested: int) -> int:
         try:
             if _share is None:
                 _share = CoreShare(cores, cap=4)  # registered before sampling: runs started
-                atexit.register(release_cores)   # together see each other
+            if not _release_at_exit:              # together see each other
+                atexit.register(release_cores)
+                _release_at_exit = True
             others = _share.live_runs() > 1
         except OSError:  # no /proc or no writable temp dir: the start-up sample alone
             _share, others = None, False
@@ -151,13 +184,21 @@ def set_threads(requested: int) -> int:
     return threads
 
 
-def rebalance_threads() -> int:
-    """With ``--torch_threads 0``: follow this run's share as other runs start and finish."""
+def rebalance_threads() -> tuple[int, int]:
+    """With ``--torch_threads 0``: follow this run's share as other runs start and finish.
+
+    Returns (threads before, threads now). A registry that cannot be read or written (a
+    temp cleaner at work, a full disk) keeps the current count.
+    """
+    before = torch.get_num_threads()
     if _share is not None:
-        threads = _share.threads()
-        if threads != torch.get_num_threads():
+        try:
+            threads = _share.threads()
+        except OSError:
+            threads = before
+        if threads != before:
             torch.set_num_threads(threads)
-    return torch.get_num_threads()
+    return before, torch.get_num_threads()
 
 
 def release_cores() -> None:
