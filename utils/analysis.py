@@ -63,7 +63,7 @@ class Run:
     metrics: pd.DataFrame
     summary: dict[str, Any] | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    revisions: list[str] = field(default_factory=list)  # code of each session (run_info.json)
+    revisions: list[tuple[str, str]] = field(default_factory=list)  # (code identity, label) per session
 
     @property
     def is_smac_like(self) -> bool:
@@ -156,21 +156,28 @@ def load_run(run_dir: Path, root: Path) -> Run:
                revisions=_revisions(run_dir), **_identity(run_dir, root, config, summary))
 
 
-def _revisions(run_dir: Path) -> list[str]:
-    """One ``provenance.revision_label`` per session in run_info.json."""
-    return [provenance.revision_label(session.get("git") if isinstance(session, dict) else None)
-            for session in provenance.read_sessions(run_dir)]
+def _revisions(run_dir: Path) -> list[tuple[str, str]]:
+    """(``provenance.code_identity``, ``revision_label``) of each session in run_info.json
+    whose revision is known."""
+    revisions = []
+    for session in provenance.read_sessions(run_dir):
+        identity = provenance.code_identity(session.get("git"))
+        if identity is not None:
+            revisions.append((identity, provenance.revision_label(session.get("git"))))
+    return revisions
 
 
 def mixed_revisions(runs: list[Run]) -> list[str]:
-    """One line per task x algo group whose runs did not all run the same code, naming the
-    revisions (a resumed run counts every session's). Runs without run_info.json are skipped."""
+    """One line per task x algo group whose runs did not all run the same code (a resumed
+    run counts every session's), naming the revisions. Sessions whose revision is unknown,
+    and runs without run_info.json, are skipped."""
     lines = []
     for (task, algo), group in group_runs(runs).items():
-        revisions = sorted({label for r in group for label in r.revisions})
-        if len(revisions) > 1:
-            lines.append(f"{task} {algo}: its {len(group)} run(s) ran {len(revisions)} code "
-                         f"revisions ({', '.join(revisions)}); see each run's run_info.json")
+        identities = {identity for r in group for identity, _ in r.revisions}
+        if len(identities) > 1:
+            labels = sorted({label for r in group for _, label in r.revisions})
+            lines.append(f"{task} {algo}: its {len(group)} run(s) ran {len(identities)} versions "
+                         f"of the code ({', '.join(labels)}); see each run's run_info.json")
     return lines
 
 

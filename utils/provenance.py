@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shlex
 import subprocess
@@ -27,27 +28,64 @@ RUN_INFO = "run_info.json"
 PACKAGES = ("torch", "numpy", "gymnasium", "gymnasium-robotics", "mujoco", "pettingzoo",
             "jax", "jaxlib", "jaxmarl", "smac", "pysc2")
 MAX_LISTED_CHANGES = 50  # changed files listed for a dirty tree (the count is always given)
+# What decides a run's numbers: a change elsewhere (README, docs/, tests/) is not new code.
+CODE_PATHS = ("algorithms", "envs", "runners", "utils", "train", "configs", "requirements.txt",
+              "constraints.txt")
+# The same bytes whatever the user's git configuration (external diff tools, prefixes, colour).
+_DIFF = ("diff", "HEAD", "--binary", "--no-ext-diff", "--no-textconv", "--no-color",
+         "--src-prefix=a/", "--dst-prefix=b/", "--relative")
 
 
 def git_revision(root: Path = PROJECT_ROOT) -> dict[str, Any] | None:
-    """{"commit", "dirty", "n_changed", "changed": [paths], "diff_sha256"} of the checkout
-    at ``root``; ``diff_sha256`` (of ``git diff HEAD``, None when clean) tells two dirty
-    sessions on one commit apart. None where ``root`` is not a git checkout or git is
-    missing (a copied tree). Untracked files are not counted: results directories and
-    venvs live in the tree.
+    """The revision of the code at ``root``:
+
+    * ``commit``: HEAD of the checkout holding ``root`` (of an enclosing repository too,
+      when the project is vendored into one);
+    * ``dirty``, ``n_changed``, ``changed`` (paths from the repository's top, at most
+      MAX_LISTED_CHANGES): tracked files under ``root`` that differ from HEAD; untracked files (results, venvs) do not
+      count; ``diff_sha256``: sha256 of that diff, None when clean;
+    * ``code_sha256``: sha256 of CODE_PATHS as committed plus their uncommitted diff: two
+      sessions ran the same code when these are equal, whatever else changed.
+
+    None where ``root`` is not in a git checkout with a commit, or git is missing (a copied
+    tree). If git answers the commit but not the rest, the rest is None.
     """
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # never take index.lock beside the user's git
+
     def git(*args: str) -> bytes:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, timeout=10,
-                              check=True).stdout
+        return subprocess.run(["git", "-c", "core.quotepath=off", *args], cwd=root, env=env,
+                              capture_output=True, timeout=10, check=True).stdout
+    failures = (OSError, subprocess.SubprocessError, UnicodeDecodeError)
     try:
         commit = git("rev-parse", "HEAD").decode().strip()
-        status = git("status", "--porcelain", "--untracked-files=no").decode().splitlines()
-        changed = [line[3:] for line in status if line.strip()]
-        diff = hashlib.sha256(git("diff", "HEAD", "--binary")).hexdigest() if changed else None
-    except (OSError, subprocess.SubprocessError, UnicodeDecodeError):
+    except failures:
         return None
-    return {"commit": commit, "dirty": bool(changed), "n_changed": len(changed),
-            "changed": changed[:MAX_LISTED_CHANGES], "diff_sha256": diff}
+    unknown = {"commit": commit, "dirty": None, "n_changed": None, "changed": None,
+               "diff_sha256": None, "code_sha256": None}
+    try:
+        status = git("status", "--porcelain", "-z", "--untracked-files=no", "--", ".")
+        changed = _porcelain_paths(status.decode())
+        diff = hashlib.sha256(git(*_DIFF, "--", ".")).hexdigest() if changed else None
+        committed = git("ls-tree", "-r", "HEAD", "--", *CODE_PATHS)
+        code_diff = git(*_DIFF, "--", *CODE_PATHS) if changed else b""
+    except failures:
+        return unknown
+    return {**unknown, "dirty": bool(changed), "n_changed": len(changed),
+            "changed": changed[:MAX_LISTED_CHANGES], "diff_sha256": diff,
+            "code_sha256": hashlib.sha256(committed + b"\0" + code_diff).hexdigest()}
+
+
+def _porcelain_paths(status: str) -> list[str]:
+    """Paths in ``git status --porcelain -z`` output ("XY path" entries; a rename or copy
+    is followed by an entry holding its original path)."""
+    entries, paths, skip = status.split("\0"), [], False
+    for entry in entries:
+        if skip:
+            skip = False
+        elif len(entry) > 3:
+            paths.append(entry[3:])
+            skip = entry[0] in "RC"
+    return paths
 
 
 def package_versions() -> dict[str, str]:
@@ -66,6 +104,7 @@ def session_record(argv: list[str]) -> dict[str, Any]:
     return {
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join([Path(sys.executable).name, "-m", "train.train", *argv]),
+        "cwd": os.getcwd(),  # relative --config / --results_dir paths are relative to it
         "git": git_revision(),
         "python": platform.python_version(),
         "packages": package_versions(),
@@ -81,7 +120,7 @@ def read_sessions(run_dir: Path) -> list[dict[str, Any]]:
         sessions = json.loads(path.read_text()).get("sessions", [])
     except (OSError, ValueError, AttributeError):
         return []
-    return sessions if isinstance(sessions, list) else []
+    return [x for x in sessions if isinstance(x, dict)] if isinstance(sessions, list) else []
 
 
 def revision_label(rev: dict[str, Any] | None) -> str:
@@ -93,15 +132,26 @@ def revision_label(rev: dict[str, Any] | None) -> str:
     return str(rev["commit"])[:10] + (f"+{str(diff)[:8]}" if diff else "")
 
 
+def code_identity(rev: dict[str, Any] | None) -> str | None:
+    """What two sessions must share to have run the same code: ``code_sha256`` where
+    recorded, else the revision label; None where unknown."""
+    if isinstance(rev, dict) and rev.get("code_sha256"):
+        return str(rev["code_sha256"])
+    label = revision_label(rev)
+    return None if label == "?" else label
+
+
 def code_change_note(previous: list[dict[str, Any]], record: dict[str, Any]) -> str | None:
-    """One line when this session runs other code than the run's last session did."""
+    """One line when this session runs other code (CODE_PATHS) than the run's last session."""
     if not previous:
         return None
-    before, now = revision_label(previous[-1].get("git")), revision_label(record.get("git"))
-    if before == now or "?" in (before, now):
+    last = previous[-1] if isinstance(previous[-1], dict) else {}
+    before, now = last.get("git"), record.get("git")
+    if None in (code_identity(before), code_identity(now)) or code_identity(before) == code_identity(now):
         return None
-    return (f"note: this run's last session ran {before}; this one runs {now} (+: uncommitted "
-            f"changes, by diff hash; see {RUN_INFO})")
+    return (f"note: this run's last session ran {revision_label(before)}; this one runs "
+            f"{revision_label(now)}, with other code (+: uncommitted changes, by diff hash; see "
+            f"{RUN_INFO})")
 
 
 def append_session(run_dir: Path, record: dict[str, Any]) -> None:
