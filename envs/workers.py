@@ -133,6 +133,24 @@ def _worker(make_env: Callable[[int, int], VecEnv], n_local: int, first: int, se
             env.close()
 
 
+def _kill_with_children(proc) -> None:
+    """SIGKILL a worker and the processes it started (a simulator's own process, such as
+    StarCraft II's, would otherwise live on without a parent)."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        children = []
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    proc.kill()
+    proc.join(timeout=5.0)
+
+
 class WorkerVecEnv(VecEnv):
     """``n_envs`` copies over ``n_workers`` processes; same interface as an in-process VecEnv.
 
@@ -161,6 +179,8 @@ class WorkerVecEnv(VecEnv):
             raise
 
     def _start(self, w: int) -> None:
+        if self._conns[w] is not None:  # replacing a dead or killed worker
+            self._conns[w].close()
         parent, child = self._ctx.Pipe()
         proc = self._ctx.Process(target=_worker, daemon=True, args=(
             self._make_env, self.n_local, w * self.n_local, self._seed + w * self.n_local,
@@ -179,8 +199,7 @@ class WorkerVecEnv(VecEnv):
                 if not self._procs[w].is_alive():
                     raise EOFError
                 if time.monotonic() > deadline:  # hung: a live process that never answers
-                    self._procs[w].kill()
-                    self._procs[w].join(timeout=5.0)
+                    _kill_with_children(self._procs[w])
                     raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
                                    f"{self._seed + first}) did not answer within {self.timeout:g} s "
                                    "(--env_worker_timeout) and was killed", env_index=first,

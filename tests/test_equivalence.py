@@ -130,6 +130,41 @@ def test_hung_worker_is_killed_after_the_timeout_and_replaced():
         env.close()
 
 
+def _parent_of_a_sleeper(pid_file: str) -> None:
+    """Stands in for a worker whose simulator runs in a process of its own."""
+    import subprocess
+    import sys
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    with open(pid_file, "w") as fh:
+        fh.write(str(child.pid))
+    time.sleep(60)
+
+
+def test_a_killed_worker_takes_its_own_processes_with_it(tmp_path):
+    import multiprocessing as mp
+    import time
+
+    import psutil
+
+    from envs.workers import _kill_with_children
+
+    pid_file = tmp_path / "pid"
+    proc = mp.get_context("spawn").Process(target=_parent_of_a_sleeper, args=(str(pid_file),))
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    grandchild = psutil.Process(int(pid_file.read_text()))
+    _kill_with_children(proc)
+    assert not proc.is_alive()
+    try:
+        grandchild.wait(timeout=5)
+    except psutil.TimeoutExpired:  # not reaped yet (its parent is gone): dead all the same
+        assert grandchild.status() == psutil.STATUS_ZOMBIE
+
+
 def test_metrics_row_summarises_every_update_of_its_window(tmp_path):
     """A row logged every 2 updates equals the per-update rows reduced: means for most
     diagnostics, the extreme for *_max / *_min (HATRPO's kl_max bounds every accepted step)."""

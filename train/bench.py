@@ -54,11 +54,14 @@ class ChildPeaks(threading.Thread):
     def sample(self) -> None:
         import psutil
 
-        total = 0
+        total, now = 0, time.time()
         for child in psutil.Process().children(recursive=True):
             try:
-                total += _peak_kib(child.pid)
-            except (OSError, ValueError):  # exited meanwhile
+                # A child younger than a second may not have exec'd yet (git, a compiler
+                # probe) and still shows this process's size: env workers live far longer.
+                if now - child.create_time() >= 1.0:
+                    total += _peak_kib(child.pid)
+            except (OSError, ValueError, psutil.Error):  # exited meanwhile
                 pass
         self.peak_kib = max(self.peak_kib, total)
 

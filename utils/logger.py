@@ -14,8 +14,9 @@ from utils.checkpoint import CheckpointError, atomic_write_bytes
 
 
 def resident_mb() -> float:
-    """Resident memory of this process and its children (env worker processes), in MB:
-    logged with every row so memory that grows over a long run shows up in the curves."""
+    """Resident memory of this process plus its children (env worker processes), summed, in
+    MB (pages they share count once per process). Logged with every row, so memory that
+    grows over a long run shows up in the curves."""
     import psutil
 
     proc = psutil.Process()
