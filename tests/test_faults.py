@@ -44,6 +44,7 @@ import utils.checkpoint  # noqa: E402
 from tests import faulty_env  # noqa: E402
 from train.train import main  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
+from utils.logger import varies_by_machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 E, T = 2, 50
@@ -65,13 +66,11 @@ def read_rows(directory: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def volatile(column: str) -> bool:
-    return column in ("wall_seconds", "sps", "rss_mb", "torch_threads") or column.startswith("time/")
 
 
 def learning(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     """Every column that depends on what was learned (not on how long it took)."""
-    return [{k: v for k, v in r.items() if not volatile(k)} for r in rows]
+    return [{k: v for k, v in r.items() if not varies_by_machine(k)} for r in rows]
 
 
 def steps_of(rows) -> list[int]:
@@ -613,9 +612,11 @@ def test_chaos_comparison_catches_gaps_duplicates_and_divergence():
     cfg = {"n_rollout_threads": 2, "episode_length": 50, "num_env_steps": 950, "log_interval": 3,
            "use_eval": True, "eval_interval": 4}
     assert expected_env_steps(cfg) == [300, 400, 600, 800, 900, 1000]
-    ref = [{"env_steps": str(s), "wall_seconds": "1", "time/env_s": "2", "loss": str(s / 7)}
-           for s in expected_env_steps(cfg)]
-    same = [{**r, "wall_seconds": "9", "time/env_s": "0.1"} for r in ref]
+    ref = [{"env_steps": str(s), "wall_seconds": "1", "sps": "5", "time/env_s": "2", "rss_mb": "700",
+            "torch_threads": "2", "loss": str(s / 7)} for s in expected_env_steps(cfg)]
+    # A resumed run differs in every column about the machine (utils.logger.MACHINE_COLUMNS).
+    same = [{**r, "wall_seconds": "9", "sps": "6", "time/env_s": "0.1", "rss_mb": "731", "torch_threads": "1"}
+            for r in ref]
     good = compare(same, ref, cfg)
     assert good["no_gaps"] and good["env_steps_strictly_increasing"] and good["final_metrics_equal"]
     assert good["all_rows_equal"] and good["rows"] == good["rows_uninterrupted"] == 6

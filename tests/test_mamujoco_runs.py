@@ -24,6 +24,7 @@ pytest.importorskip("mujoco")
 
 from tests.processes import interrupt_when  # noqa: E402
 from train.train import main  # noqa: E402
+from utils.logger import varies_by_machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 E, T = 2, 50  # rollout threads x episode length: 100 env steps per iteration
@@ -31,7 +32,6 @@ TINY = ["--n_rollout_threads", str(E), "--episode_length", str(T), "--hidden_siz
         "--ppo_epoch", "1", "--critic_epoch", "1", "--eval_episodes", "1", "--n_eval_rollout_threads", "1",
         "--log_interval", "1", "--device", "cpu", "--torch_threads", "1", "--no-progress", "--no-tensorboard"]
 ALGOS = ("happo", "hatrpo", "mappo", "ippo")
-VOLATILE = ("wall_seconds", "sps", "rss_mb", "torch_threads")  # plus every time/* column
 
 
 def run_dir(results: Path, algo: str, task: str = "HalfCheetah-2x3", exp: str = "default", seed: int = 1) -> Path:
@@ -147,7 +147,7 @@ def test_halfcheetah_6x1_six_agents(tmp_path, capsys):
 
 # -- resume and determinism -----------------------------------------------------------------
 def comparable(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    return [{k: v for k, v in r.items() if k not in VOLATILE and not k.startswith("time/")} for r in rows]
+    return [{k: v for k, v in r.items() if not varies_by_machine(k)} for r in rows]
 
 
 def assert_same_rows(a: list[dict[str, str]], b: list[dict[str, str]], ignore=frozenset()) -> None:

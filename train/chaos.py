@@ -5,7 +5,7 @@
    at random moments and resuming it with ``--resume <run dir>`` each time, until done.
 3. Compare the two ``metrics.csv`` files: row counts, env_steps strictly increasing with no
    gaps (every iteration the runner logs, exactly once), and the learning columns (all but
-   wall_seconds, sps and time/*) of the final row and of every row equal.
+   utils.logger.MACHINE_COLUMNS and time/*) of the final row and of every row equal.
 
 Prints one line per step and, last, one JSON line with the results; exits 0 only if every
 check passes (1 if one fails, 2 for bad flags).
@@ -40,12 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from train.sweep import absolutize_paths, drop_flag
+from utils.logger import varies_by_machine
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def volatile(column: str) -> bool:
-    return column in ("wall_seconds", "sps") or column.startswith("time/")
 
 
 def read_rows(run_dir: Path) -> list[dict[str, str]]:
@@ -76,8 +73,8 @@ def expected_env_steps(config: dict[str, Any]) -> list[int]:
 def compare(rows: list[dict[str, str]], reference: list[dict[str, str]], config: dict[str, Any]) -> dict[str, Any]:
     """The checks of the experiment, as a dict of plain values."""
     steps = [int(float(r["env_steps"])) for r in rows]
-    learn = [{k: v for k, v in r.items() if not volatile(k)} for r in rows]
-    ref = [{k: v for k, v in r.items() if not volatile(k)} for r in reference]
+    learn = [{k: v for k, v in r.items() if not varies_by_machine(k)} for r in rows]
+    ref = [{k: v for k, v in r.items() if not varies_by_machine(k)} for r in reference]
     differing = [k for k in sorted(set(learn[-1]) | set(ref[-1])) if learn[-1].get(k) != ref[-1].get(k)] \
         if learn and ref else ["<no rows>"]
     first_bad = next((int(float(a["env_steps"])) for a, b in zip(learn, ref) if a != b), None)

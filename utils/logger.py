@@ -13,6 +13,15 @@ from typing import Any
 from utils.checkpoint import CheckpointError, atomic_write_bytes
 
 
+# metrics.csv columns that describe the machine, not the learning: they differ between two
+# runs of the same seed (and across a resume), so reproducibility checks leave them out.
+MACHINE_COLUMNS = ("wall_seconds", "sps", "rss_mb", "torch_threads")
+
+
+def varies_by_machine(column: str) -> bool:
+    return column in MACHINE_COLUMNS or column.startswith("time/")
+
+
 def resident_mb() -> float:
     """Resident memory of this process plus its children (env worker processes), summed, in
     MB (pages they share count once per process). Logged with every row, so memory that
