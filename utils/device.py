@@ -83,20 +83,21 @@ class CoreShare:
         user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
         self.directory = directory or Path(tempfile.gettempdir()) / f"harl-lite-runs-{user}"
         self.path = self.directory / str(os.getpid())
+        self.identity = _identity(os.getpid())  # what this process's registration holds
         self.register()
 
     def register(self) -> None:
         """(Re)write this process's registration (also after a temp cleaner removed it)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tmp = self.directory / f".{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(_identity(os.getpid())))
+        tmp.write_text(json.dumps(self.identity))
         os.replace(tmp, self.path)
 
     def live_runs(self) -> int:
         """Registered runs whose process is still the one that registered (this one included)."""
         if not self.path.exists():
             self.register()
-        here = _identity(os.getpid())
+        here = self.identity
         live = 0
         for entry in self.directory.iterdir():
             if not entry.name.isdigit():  # a registration being written, or not ours
@@ -111,7 +112,7 @@ class CoreShare:
                     entry.unlink(missing_ok=True)  # from before a reboot: surely dead
                 continue
             try:
-                alive = _identity(int(entry.name))["start"] == theirs["start"]
+                alive = _start_time(int(entry.name)) == theirs["start"]
             except OSError:  # no such process
                 alive = False
             if alive:
@@ -127,18 +128,21 @@ class CoreShare:
         self.path.unlink(missing_ok=True)
 
 
-def _identity(pid: int) -> dict:
-    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22), with this
-    machine's boot id and this process's pid namespace."""
+def _start_time(pid: int) -> float:
+    """A process's start time (clock ticks since boot, /proc/<pid>/stat field 22)."""
     with open(f"/proc/{pid}/stat") as fh:
-        start = float(fh.read().rsplit(")", 1)[1].split()[19])
+        return float(fh.read().rsplit(")", 1)[1].split()[19])
+
+
+def _identity(pid: int) -> dict:
+    """A registration's content: the process's start time, with this machine's boot id and
+    this process's pid namespace."""
     with open("/proc/sys/kernel/random/boot_id") as fh:
         boot = fh.read().strip()
-    return {"start": start, "boot": boot, "pid_ns": os.stat("/proc/self/ns/pid").st_ino}
+    return {"start": _start_time(pid), "boot": boot, "pid_ns": os.stat("/proc/self/ns/pid").st_ino}
 
 
 _share: CoreShare | None = None  # this process's registration, with --torch_threads 0
-_release_at_exit = False
 
 
 def set_threads(requested: int) -> int:
@@ -153,7 +157,7 @@ def set_threads(requested: int) -> int:
     busy machine gets 1 thread. Environments never step during an update here, so the
     update may use every free core; beyond 4 these small networks gain little.
     """
-    global _share, _release_at_exit
+    global _share
     if requested > 0:
         release_cores()  # an earlier auto run in this process must not rebalance this one
         threads = requested
@@ -163,11 +167,8 @@ def set_threads(requested: int) -> int:
         except AttributeError:  # not Linux
             cores = os.cpu_count() or 1
         try:
-            if _share is None:
-                _share = CoreShare(cores, cap=4)  # registered before sampling: runs started
-            if not _release_at_exit:              # together see each other
-                atexit.register(release_cores)
-                _release_at_exit = True
+            if _share is None:  # registered before sampling: runs started together see each other
+                _share = CoreShare(cores, cap=4)
             others = _share.live_runs() > 1
         except OSError:  # no /proc or no writable temp dir: the start-up sample alone
             _share, others = None, False
@@ -207,3 +208,6 @@ def release_cores() -> None:
     if _share is not None:
         _share.close()
         _share = None
+
+
+atexit.register(release_cores)  # a no-op unless this process still holds a share

@@ -147,7 +147,8 @@ def code_change_note(previous: list[dict[str, Any]], record: dict[str, Any]) -> 
         return None
     last = previous[-1] if isinstance(previous[-1], dict) else {}
     before, now = last.get("git"), record.get("git")
-    if None in (code_identity(before), code_identity(now)) or code_identity(before) == code_identity(now):
+    identities = code_identity(before), code_identity(now)
+    if None in identities or identities[0] == identities[1]:
         return None
     return (f"note: this run's last session ran {revision_label(before)}; this one runs "
             f"{revision_label(now)}, with other code (+: uncommitted changes, by diff hash; see "
