@@ -112,13 +112,12 @@ class VecEnv(ABC):
 
     @abstractmethod
     def reset(self, seed: int) -> EnvStep:
-        """Reset every copy, reseeding everything; copy ``k`` draws from ``seed`` and ``k``.
+        """Reset every copy, reseeding everything; copy ``k`` draws from ``seed + k`` alone.
 
-        Seeding copy ``k`` with ``seed + k`` (MaMuJoCo) also makes results independent of
-        ``--n_env_workers``, since worker ``w`` builds its copies with ``seed + w * n_local``;
-        SMAX's ``fold_in(PRNGKey(seed), k)`` does not (with workers its copies draw other,
-        equally valid streams). Evaluation calls ``reset(seed)`` before each evaluation,
-        which makes it repeatable.
+        That makes results independent of ``--n_env_workers``: worker ``w`` builds its
+        copies with ``seed + w * n_local`` (MaMuJoCo seeds copy ``k`` with ``seed + k``,
+        SMAX keys it with ``PRNGKey(seed + k)``). Evaluation calls ``reset(seed)`` before
+        each evaluation, which makes it repeatable.
         """
 
     @abstractmethod

@@ -29,10 +29,10 @@ What SMAX does (jaxmarl 0.2.0), and how it maps onto ``envs.base.EnvStep``:
   x, y, weapon cooldown, unit-type one-hot (zeros for dead units), then every unit's
   team and type id.
 
-Seeding: copy ``k`` draws from ``fold_in(PRNGKey(seed), k)``, so its trajectory does not
-depend on ``n_envs``. ``get_state`` returns the whole vmapped state pytree, the PRNG
-keys and the episode counters as numpy arrays (picklable); after ``set_state`` the run
-continues bit-identically.
+Seeding: copy ``k`` draws from ``PRNGKey(seed + k)``, so its trajectory depends on neither
+``n_envs`` nor ``--n_env_workers``. ``get_state`` returns the whole vmapped state pytree,
+the PRNG keys and the episode counters as numpy arrays (picklable); after ``set_state``
+the run continues bit-identically.
 """
 from __future__ import annotations
 
@@ -218,9 +218,11 @@ class SMAXVecEnv(VecEnv):
 
     # -- host side -------------------------------------------------------------------------
     def _initial_keys(self, seed: int):
-        jax, jnp = self._jax, self._jnp
-        base = jax.random.PRNGKey(seed)
-        return jax.vmap(lambda k: jax.random.fold_in(base, k))(jnp.arange(self.n_envs))
+        # Copy k's key depends on the integer seed + k alone (the VecEnv contract), so an env
+        # worker holding copies [first, ...) with seed + first draws the same keys as one
+        # in-process env. (fold_in(PRNGKey(seed), k) did not: it depended on the split.)
+        seeds = (np.arange(self.n_envs, dtype=np.uint64) + np.uint64(seed)) % np.uint64(2**32)
+        return self._jax.vmap(self._jax.random.PRNGKey)(self._jnp.asarray(seeds.astype(np.uint32)))
 
     def _copy_out(self, out: dict) -> None:
         out = self._jax.device_get(out)

@@ -284,3 +284,23 @@ def test_a_copys_trajectory_does_not_depend_on_n_envs():
             np.testing.assert_array_equal(x[key][:2], y[key], err_msg=f"step {t}: {key}")
     wide.close()
     narrow.close()
+
+
+def test_env_worker_processes_match_one_in_process_env():
+    """4 copies over 2 worker processes (the second builds copies 2-3 as its own 0-1, with
+    seed + 2) step exactly as 4 in-process copies with the same seed: a seed means the same
+    episodes however the copies are split."""
+    import dataclasses
+
+    from envs.registry import make_vec_env
+
+    config = dataclasses.replace(load_config(["--env", "smax", "--map_name", "3m"]),
+                                 n_rollout_threads=4, n_env_workers=2)
+    workers = make_vec_env(config, 4, seed=5)
+    local = SMAXVecEnv("3m", n_envs=4, seed=5)
+    try:
+        assert_same(rollout(workers, workers.reset(seed=5), 30, seed=0, policy=focus_fire),
+                    rollout(local, local.reset(seed=5), 30, seed=0, policy=focus_fire))
+    finally:
+        workers.close()
+        local.close()
