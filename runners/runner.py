@@ -333,7 +333,9 @@ class Runner:
                     return self._stop_at(point)
                 t0 = time.perf_counter()
                 self.algo.iteration = self.iteration + 1
-                self.algo.set_progress(self.env_steps / cfg.num_env_steps)
+                # The budget spent before this rollout: update k of K uses lr (1 - k/K), from
+                # the full lr at the first update down to lr / K at the last (HARL's schedule).
+                self.algo.set_progress(point["counters"]["env_steps"] / cfg.num_env_steps)
                 for key, value in self.algo.train(self.buffer, defer_critic=True).items():
                     self.window_stats[key].append(value)
                 self.phase["update_s"] += time.perf_counter() - t0
@@ -342,7 +344,7 @@ class Runner:
                 eval_result = None
                 if cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last):
                     eval_start = time.time()
-                    eval_result = self.last_eval = self.evaluate()
+                    eval_result = self.last_eval = {**self.evaluate(), "env_steps": self.env_steps}
                     window_start += time.time() - eval_start  # sps is training throughput
                 if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
                     now = time.time()
@@ -362,6 +364,12 @@ class Runner:
                     print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved; "
                           f"continue with --resume {self.run_dir}", flush=True)
                     return 130
+            if cfg.use_eval and self.last_eval.get("env_steps") != self.env_steps:
+                # Resumed with --num_env_steps below the steps already done: the policy being
+                # reported has not been evaluated yet.
+                print(f"note: --num_env_steps {cfg.num_env_steps} is below the {self.env_steps} env steps "
+                      "already done; evaluating the final policy for summary.json", flush=True)
+                self.last_eval = {**self.evaluate(), "env_steps": self.env_steps}
             summary = self.write_summary()
             shown = ["eval_return_mean"] + [f"eval_{m}" for m in self.spec.episode_metrics]
             evals = "".join(f", {k} {summary[k]:.4g}" for k in shown if summary.get(k) is not None)
@@ -390,6 +398,7 @@ class Runner:
         wall = self.elapsed()
         summary = {"algo": self.config.algo, "env": self.config.env, "task": task_name(self.config.to_dict()),
                    "seed": self.config.seed, "env_steps": self.env_steps, "iterations": self.iteration,
+                   "eval_env_steps": self.last_eval.get("env_steps"),  # when the figures below were measured
                    "eval_return_mean": self.last_eval.get("eval_return"),
                    "eval_return_std": self.last_eval.get("eval_return_std"),
                    **{f"eval_{m}": self.last_eval.get(f"eval_{m}") for m in self.spec.episode_metrics},

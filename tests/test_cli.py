@@ -124,6 +124,20 @@ def test_unwritable_results_dir(tmp_path, capsys):
     assert blocker.read_text() == "not a directory\n"
 
 
+def test_wandb_without_a_login_is_one_line_and_leaves_no_run_dir(tmp_path, capsys, monkeypatch):
+    """wandb.init faked to raise what the real one raises without an API key (no network)."""
+    wandb = pytest.importorskip("wandb")
+
+    def no_login(*args, **kwargs):
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*SMALL, "--tensorboard", "--wandb", "--results_dir", str(results)])
+    assert_usage_error(rc, err, "--wandb", "wandb login", "WANDB_MODE=offline")
+    assert not results.exists(), sorted(p.relative_to(tmp_path) for p in results.rglob("*"))
+
+
 # -- config files -------------------------------------------------------------------------------
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
@@ -176,6 +190,76 @@ def test_layering_defaults_task_yaml_user_file_flags(tmp_path):
     assert load_config(["--config", str(user), "--algo", "hatrpo"]).ppo_epoch == 7
     flagged = load_config(["--config", str(user), "--ppo_epoch", "3"])
     assert flagged.ppo_epoch == 3 and flagged.seed == 4  # the flag wins, the rest of the file stays
+
+
+def test_a_config_file_can_name_the_task_and_the_algorithm(tmp_path):
+    """The task and algorithm a --config file names pick the task file, its section and the
+    per-algorithm defaults, exactly as the same flags would."""
+    pytest.importorskip("jaxmarl")
+    def settings(argv):
+        return {**load_config(argv).to_dict(), "config": ""}
+
+    smax = write(tmp_path / "smax.yaml", "env: smax\nmap_name: 2s3z\n")
+    assert settings(["--config", str(smax)]) == settings(["--env", "smax", "--map_name", "2s3z"])
+    for algo in ("hatrpo", "mappo"):
+        named = write(tmp_path / f"{algo}.yaml", f"common:\n  algo: {algo}\n")
+        assert settings(["--config", str(named)]) == settings(["--algo", algo])
+    assert settings(["--config", str(smax), "--map_name", "3m"]) == settings(["--env", "smax"])  # flags win
+    with pytest.raises(ConfigError, match="smax.yaml: --map_name does not apply to --env mamujoco"):
+        load_config(["--config", str(smax), "--env", "mamujoco"])  # the file is for another family
+    # The flag picks the file's section: its own algo may not contradict it.
+    clash = write(tmp_path / "clash.yaml", "hatrpo:\n  algo: mappo\n")
+    with pytest.raises(ConfigError, match="section 'hatrpo' sets algo 'mappo'"):
+        load_config(["--algo", "hatrpo", "--config", str(clash)])
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("agent_conf: 7x7\n", ["--agent_conf", "7x7"]),
+    ("eval_only: true\n", ["eval_only can only be given on the command line"]),
+    ("common:\n  resume: /some/run\n", ["resume can only be given on the command line"]),
+    ("config: other.yaml\n", ["config can only be given on the command line"]),
+    ("hidden_sizes: [64.7, 32]\n", ["hidden_sizes", "64.7"]),
+    ("hidden_sizes: [64, true]\n", ["hidden_sizes"]),
+    ("gamma: true\n", ["gamma", "True"]),
+    ("backtrack_coeff: 5\n", ["--backtrack_coeff must be in (0, 1)"]),
+], ids=["bad-task", "eval_only", "resume", "nested-config", "float-list", "bool-in-list", "bool-float",
+        "backtrack"])
+def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys, text, needles):
+    path = write(tmp_path / "user.yaml", text)
+    rc, out, err = run_main(capsys, [*SMALL, "--config", str(path), "--results_dir", str(tmp_path / "r")])
+    assert_usage_error(rc, err, *needles)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run):
+    """config.yaml holds the command fields at their defaults, so it can start the same
+    training again (into a new run directory)."""
+    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    assert all(saved[k] in ("", False) for k in ("config", "resume", "model_dir", "eval_only"))
+    again = load_config(["--config", str(finished_run / "config.yaml"), "--exp_name", "again"])
+    assert {**again.to_dict(), "exp_name": "default", "config": ""} == saved
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--algo", "hatrpo", "--lr", "0.1"], ["--lr has no effect", "--kl_threshold"]),
+    (["--algo", "hatrpo", "--ppo-epoch", "3"], ["--ppo_epoch has no effect"]),
+    (["--algo", "happo", "--kl_threshold", "0.1"], ["--kl_threshold has no effect", "hatrpo"]),
+    (["--data_chunk_length", "5"], ["--data_chunk_length has no effect", "--use_recurrent_policy"]),
+    (["--wandb_project", "x"], ["--wandb_project has no effect", "--wandb"]),
+    (["--no-use_huber_loss", "--huber_delta", "3"], ["--huber_delta has no effect"]),
+], ids=["hatrpo-lr", "hatrpo-epochs", "happo-kl", "chunks-without-gru", "project-without-wandb",
+        "delta-without-huber"])
+def test_a_flag_the_run_does_not_read_gets_a_warning(tmp_path, capsys, argv, needles):
+    rc, out, err = run_main(capsys, [*TINY, "--num_env_steps", "100", *argv, "--results_dir", str(tmp_path / "r")])
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and all(n in warnings[0] for n in needles), err
+    # The same values from a config file say nothing: a common: section serves every algorithm.
+    path = write(tmp_path / "user.yaml", "common:\n  lr: 0.1\n  kl_threshold: 0.1\n  data_chunk_length: 5\n")
+    capsys.readouterr()
+    assert load_config(["--algo", "hatrpo", "--config", str(path)]).lr == 0.1
+    assert load_config(["--algo", "happo", "--config", str(path)]).kl_threshold == 0.1
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_names_listed_twice_agree():

@@ -697,9 +697,9 @@ def test_disk_full_at_startup_is_one_line_and_exit_1(monkeypatch, capsys, tmp_pa
     assert "no space left on device" in error_line(out + err)
 
 
-def test_death_before_the_first_checkpoint_can_be_recovered(monkeypatch, capsys, tmp_path):
-    """A process killed before its first checkpoint leaves config.yaml and metrics.csv rows but
-    no checkpoint. Starting again (or --resume, as the refusal message suggests) should work."""
+def die_at_the_first_checkpoint(monkeypatch, flags: list[str]) -> None:
+    """Run ``main(flags)`` in-process and let it 'die' (an exception no handler catches) when
+    it would write its first checkpoint, as a killed process would."""
     class Died(BaseException):
         pass
 
@@ -707,14 +707,58 @@ def test_death_before_the_first_checkpoint_can_be_recovered(monkeypatch, capsys,
         raise Died()
 
     monkeypatch.setattr(runners.runner, "save_checkpoint", die)
+    with pytest.raises(Died):
+        main(flags)
+    monkeypatch.undo()
+
+
+def test_death_before_the_first_checkpoint_can_be_recovered(monkeypatch, capsys, tmp_path):
+    """A process killed before its first checkpoint leaves config.yaml and metrics.csv rows but
+    no checkpoint. Starting again (or --resume, as the refusal message suggests) should work."""
     results = tmp_path / "results"
     flags = [str(f) for f in [*TINY, "--results_dir", results, "--num_env_steps", "300", "--save_interval", "2",
                               "--no-use_eval"]]
-    with pytest.raises(Died):
-        main(flags)
+    die_at_the_first_checkpoint(monkeypatch, flags)
     run = run_dir(results)
     assert len(read_rows(run)) == 2 and not (run / "checkpoints" / "last.pt").exists()
-    monkeypatch.undo()
     rc_fresh, out, err_fresh = run_main(capsys, flags)
     rc_resume, out, err_resume = (None, "", "") if rc_fresh == 0 else run_main(capsys, ["--resume", run])
     assert rc_fresh == 0 or rc_resume == 0, f"fresh start: {err_fresh.strip()} | --resume: {err_resume.strip()}"
+
+
+def test_starting_over_without_a_checkpoint_drops_the_old_tensorboard_events(monkeypatch, capsys, tmp_path):
+    """--resume of a run killed before its first checkpoint starts it again from step 0:
+    metrics.csv is rebuilt, and tb/ must not keep the discarded session's scalars."""
+    results = tmp_path / "results"
+    die_at_the_first_checkpoint(monkeypatch, [str(f) for f in [
+        *TINY, "--tensorboard", "--results_dir", results, "--num_env_steps", "200", "--save_interval", "2",
+        "--no-use_eval"]])
+    tb = run_dir(results) / "tb"
+    (old,) = tb.glob("events.out.tfevents.*")
+    old.rename(tb / "events.out.tfevents.1000000000.old-session")  # as if written long ago
+    rc, out, err = run_main(capsys, ["--resume", run_dir(results)])
+    assert rc == 0, out + err
+    events = sorted(p.name for p in tb.iterdir())
+    assert len(events) == 1 and "old-session" not in events[0], events
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "not writable", "holds runs"])
+def test_chaos_bad_chaos_dir_exits_2_before_running_anything(capsys, tmp_path, case):
+    from train.chaos import main as chaos_main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep\n")
+    earlier = tmp_path / "earlier"  # a finished experiment's directory, used again
+    earlier_csv = run_dir(earlier / "uninterrupted") / "metrics.csv"
+    earlier_csv.parent.mkdir(parents=True)
+    earlier_csv.write_text("env_steps\n100\n")
+    chaos_dir, needle = {"a file": (blocker, "is a file"), "under a file": (blocker / "sub", "is a file"),
+                         "not writable": (Path("/proc/chaos"), "not writable"),
+                         "holds runs": (earlier, "choose an empty directory")}[case]
+    rc = chaos_main(["--num_env_steps", "400", "--n_rollout_threads", "2", "--episode_length", "50",
+                     "--hidden_sizes", "16,16", "--chaos_dir", str(chaos_dir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --chaos_dir ") and len(err.splitlines()) == 1, err
+    assert needle in err, err
+    assert blocker.read_text() == "keep\n" and earlier_csv.read_text() == "env_steps\n100\n"
+    assert sorted(p.name for p in earlier.iterdir()) == ["uninterrupted"]

@@ -344,3 +344,43 @@ def test_wandb_offline_writes_run_directory(tmp_path):
     assert offline_runs, list((directory / "wandb").iterdir())
     assert any(p.suffix == ".wandb" for p in offline_runs[0].iterdir())
     check_run_files(directory, 100, n_agents=2, algo="ippo")
+
+
+def test_linear_lr_decay_starts_at_the_full_rate(tmp_path, monkeypatch):
+    """--use_linear_lr_decay: update k of K (0-based) trains at lr (1 - k/K), as in HARL: the
+    first update at the full --lr, none at 0 (4 updates: 1, 3/4, 1/2, 1/4)."""
+    from algorithms.base import OnPolicyMARL
+
+    used = []
+    original = OnPolicyMARL.train
+
+    def recording(self, *args, **kwargs):
+        used.extend([self.actor_optims[0].param_groups[0]["lr"], self.critic_optims[0].param_groups[0]["lr"]])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnPolicyMARL, "train", recording)
+    assert train(tmp_path, "--num_env_steps", str(4 * E * T), "--use_linear_lr_decay", "--lr", "0.004",
+                 "--critic_lr", "0.002", "--no-use_eval") == 0
+    assert used == pytest.approx([lr * f for f in (1, 0.75, 0.5, 0.25) for lr in (0.004, 0.002)])
+
+
+def test_resume_below_the_steps_done_evaluates_the_final_policy(tmp_path, capsys):
+    """A run stopped after its last evaluation, resumed with a smaller --num_env_steps, trains
+    no further: summary.json must report an evaluation of the policy it holds, and say when."""
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+
+    assert train(tmp_path, "--num_env_steps", str(3 * E * T), "--eval_interval", "1") == 0
+    directory = run_dir(tmp_path, "happo")
+    before = json.loads((directory / "summary.json").read_text())
+    assert before["eval_env_steps"] == before["env_steps"] == 3 * E * T
+    # As if it had stopped (no summary.json) one iteration after its last evaluation.
+    checkpoint = load_checkpoint(directory)
+    checkpoint["last_eval"] = {**checkpoint["last_eval"], "env_steps": 2 * E * T, "eval_return": -1e6}
+    save_checkpoint(directory, checkpoint)
+    (directory / "summary.json").unlink()
+    capsys.readouterr()
+    assert main(["--resume", str(directory), "--num_env_steps", str(E * T)]) == 0
+    assert "evaluating the final policy" in capsys.readouterr().out
+    after = json.loads((directory / "summary.json").read_text())
+    assert after["eval_env_steps"] == 3 * E * T
+    assert after["eval_return_mean"] == before["eval_return_mean"]  # the same policy, the same evaluation seeds

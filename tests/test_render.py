@@ -77,6 +77,23 @@ def test_bad_input_is_one_line(mujoco_run, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_unwritable_out_is_refused_before_any_episode(mujoco_run, tmp_path, capsys, monkeypatch):
+    import runners.evaluate
+
+    def played(*args, **kwargs):
+        raise AssertionError("an episode was played before --out was checked")
+
+    monkeypatch.setattr(runners.evaluate, "evaluate", played)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep\n")
+    for out, message in [("/proc/x.gif", "cannot write"), (blocker / "x.gif", "is a file"),
+                         (blocker / "sub" / "x.mp4", "is a file")]:
+        assert render_main([str(mujoco_run), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}") and err.count("\n") == 1 and message in err, err
+    assert blocker.read_text() == "keep\n" and [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
 @pytest.fixture(scope="module")
 def jaxmarl():
     """Imported before the test's capsys starts: importing jaxmarl (its mabrax module)

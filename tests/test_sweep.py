@@ -45,7 +45,7 @@ def check_2x2(results: Path, rc: int, out: str) -> None:
     assert "4/4 run(s) succeeded" in out
 
 
-def test_plan_expands_the_product_and_passes_other_flags(tmp_path):
+def test_plan_expands_the_product_and_passes_other_flags(tmp_path, capsys):
     sweep = plan([*TINY, "--results_dir", str(tmp_path), "--algo", "happo,hatrpo", "--seeds", "1,2,3",
                   "--agent_conf=2x3,6x1", "--max_parallel", "3"])
     assert sweep.max_parallel == 3 and sweep.ray_address is None
@@ -57,11 +57,19 @@ def test_plan_expands_the_product_and_passes_other_flags(tmp_path):
         assert all("," not in argv[k + 1] for k, t in enumerate(argv) if t in ("--algo", "--seed", "--agent_conf"))
         assert argv[argv.index("--hidden_sizes") + 1] == "16" and argv[-1] == "--no-progress"
         assert argv[argv.index("--torch_threads") + 1] == "1"
-    # Every task flag of every family sweeps; one the run directory does not name is refused.
+        # --ppo_epoch goes to the runs that read it, without a warning.
+        assert ("--ppo_epoch" in argv) == (argv[argv.index("--algo") + 1] == "happo")
+    # Every task flag of every family sweeps; one the run directory does not name goes into
+    # the experiment name.
     maps = plan([*TINY, "--results_dir", str(tmp_path), "--env", "smax", "--map-name", "3m,2s3z"])
     assert [run.run_dir.parts[-4] for run in maps.runs] == ["3m", "2s3z"]
-    with pytest.raises(ConfigError, match="would share the run directory .* --agent_obsk"):
-        plan([*TINY, "--results_dir", str(tmp_path), "--agent_obsk", "0,1"])
+    obsk = plan([*TINY, "--results_dir", str(tmp_path), "--exp_name", "abl", "--agent_obsk", "0,1"])
+    assert [run.run_dir.parts[-2] for run in obsk.runs] == ["abl-agent_obsk0", "abl-agent_obsk1"]
+    assert [run.argv[run.argv.index("--agent_obsk") + 1] for run in obsk.runs] == ["0", "1"]
+    capsys.readouterr()
+    hatrpo = plan([*TINY, "--results_dir", str(tmp_path), "--algo", "hatrpo", "--seeds", "1,2"])
+    assert not any("--ppo_epoch" in run.argv for run in hatrpo.runs)
+    assert capsys.readouterr().err.count("warning: --ppo_epoch has no effect in any run of this sweep") == 1
     given = plan([*TINY, "--results_dir", str(tmp_path), "--seed", "1,2", "--torch_threads", "2"])
     assert [r.argv.count("--torch_threads") for r in given.runs] == [1, 1]
     assert all(r.argv[r.argv.index("--torch_threads") + 1] == "2" for r in given.runs)

@@ -13,7 +13,8 @@ check passes (1 if one fails, 2 for bad flags).
 Chaos flags (everything else is passed to ``train.train``):
   --kills N          SIGKILLs of the interrupted run (default 3)
   --chaos_seed S     seed of the kill moments (default: random, printed)
-  --chaos_dir DIR    where both runs go (default: <--results_dir or results>/chaos/<time>-<pid>)
+  --chaos_dir DIR    where both runs go, not one holding an earlier experiment's runs
+                     (default: <--results_dir or results>/chaos/<time>-<pid>)
 
 A kill happens a random delay after the running process has written a checkpoint of its
 own (so every restart makes progress); the delay is drawn uniformly from
@@ -136,6 +137,19 @@ def _flag_value(flags: list[str], *names: str) -> str | None:
     return None
 
 
+def check_chaos_dir(chaos_dir: Path, flag: str) -> None:
+    """Last of the checks (it creates the directory). An earlier experiment's runs there would
+    make the new uninterrupted run refuse to start, and only after the checks ran."""
+    from train.config import ConfigError
+    from train.train import ensure_writable
+
+    held = [name for name in ("uninterrupted", "killed") if (chaos_dir / name).exists()]
+    if chaos_dir.is_dir() and held:
+        raise ConfigError(f"{flag} {chaos_dir} already holds runs ({', '.join(held)}): choose an empty "
+                          "directory or remove it")
+    ensure_writable(chaos_dir, flag)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     opts, flags = parse(argv)
@@ -177,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"iteration; {n_iter} iterations with --save_interval {config.save_interval} "
                               f"write {n_iter // config.save_interval}: lower --save_interval or raise "
                               "--num_env_steps")
+        check_chaos_dir(chaos_dir, "--chaos_dir" if opts.chaos_dir else "--results_dir")
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

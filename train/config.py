@@ -19,6 +19,7 @@ import inspect
 import io
 import math
 import re
+import sys
 import tokenize
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,8 @@ class Config:
     agent_obsk: int = 0  # MaMuJoCo: observe joints up to k hops away
     map_name: str = "3m"  # SMAC / SMAX map
     num_env_steps: int = 10_000_000  # training budget: env steps summed over the rollout envs
-    n_rollout_threads: int = 20  # environments stepped in parallel
+    n_rollout_threads: int = 20  # environment copies per rollout, stepped together as one batch
+    # (SMAX: one jit(vmap) call; MaMuJoCo: a loop, or split over --n_env_workers processes)
     n_env_workers: int = 1  # processes the rollout envs are split over (1 = in-process)
     env_worker_timeout: float = 300.0  # seconds an env worker may take to answer; one that takes
     # longer counts as hung: killed, then handled like a crashed one (--max_env_restarts); 0 = forever
@@ -81,7 +83,8 @@ class Config:
     critic_lr: float = 5e-4  # critic Adam learning rate
     opti_eps: float = 1e-5  # Adam epsilon
     weight_decay: float = 0.0  # Adam L2 weight decay
-    use_linear_lr_decay: bool = False  # decay both learning rates linearly to 0 over --num_env_steps
+    use_linear_lr_decay: bool = False  # decay both learning rates linearly over --num_env_steps:
+    # update k of K (from 0) uses lr (1 - k/K), as in HARL
     gamma: float = 0.99  # discount factor
     gae_lambda: float = 0.95  # GAE lambda
     use_proper_time_limits: bool = True  # bootstrap truncated episodes from V(final state)
@@ -148,6 +151,9 @@ class Config:
                      "env_worker_timeout"):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        if not self.backtrack_coeff < 1:
+            raise ConfigError(f"--backtrack_coeff must be in (0, 1): trial k tries backtrack_coeff**k "
+                              f"of the full step; got {self.backtrack_coeff}")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"--gamma must be in (0, 1]; got {self.gamma}")
         if not 0 <= self.gae_lambda <= 1:
@@ -209,6 +215,18 @@ RUNTIME_FIELDS = ("resume", "results_dir", "device", "torch_threads",
                   "num_env_steps", "parallel_critic")
 
 
+def _coerce_int(value: Any) -> int:
+    """An integer from YAML or the command line ("1e6" too); ValueError for 64.7 or true."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError
+    if isinstance(value, str) and "e" in value.lower():
+        as_float = float(value)
+        if not as_float.is_integer():
+            raise ValueError
+        return int(as_float)
+    return int(value)
+
+
 def _coerce(name: str, value: Any, source: str) -> Any:
     """Convert a YAML/CLI value to the field's type, or raise a one-line ConfigError."""
     kind = _FIELD_TYPES[name]
@@ -220,12 +238,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
                 return value.lower() in ("true", "yes", "1")
             raise ValueError
         if kind is int:
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+            return _coerce_int(value)
         if kind is float:
+            if isinstance(value, bool):  # YAML's true is not 1.0
+                raise ValueError
             return float(value)
         if kind is str:
             if not isinstance(value, (str, int, float)):
@@ -234,9 +250,11 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if kind == list[int]:
             if isinstance(value, str):
                 value = [v for v in value.replace(",", " ").split() if v]
-            if isinstance(value, int):
+            if isinstance(value, int) and not isinstance(value, bool):
                 value = [value]
-            return [int(v) for v in value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [_coerce_int(v) for v in value]
     except (TypeError, ValueError):
         pass
     type_name = "a list of integers (e.g. 64,64)" if kind == list[int] else getattr(kind, "__name__", str(kind))
@@ -462,38 +480,101 @@ def task_config_path(values: dict[str, Any]) -> Path:
     return CONFIG_DIR / values["env"] / f"{task_name(values)}.yaml"
 
 
-def load_config(argv: list[str]) -> Config:
-    """Resolve the full configuration for a command line, validating everything."""
+# What a command line does with a run rather than how the run trains: a YAML file cannot set
+# them (a run's config.yaml holds them at their defaults, so it can be passed as --config).
+COMMAND_FIELDS = ("config", "resume", "model_dir", "eval_only")
+
+
+def _file_settings(path: Path, algo: str | None) -> dict[str, Any]:
+    """A YAML file's settings (flat keys, ``common:``, then the ``<algo>:`` section), coerced.
+    ``algo``: the --algo flag; without one the file's own flat / common ``algo`` picks the
+    section, else the default."""
+    data = read_yaml(path)
+    if algo is None:
+        algo = str(_sections(data, "", path).get("algo", Config.algo))
+    values: dict[str, Any] = {}
+    _apply(values, _sections(data, algo, path), str(path))
+    if values.get("algo", algo) != algo:
+        raise ConfigError(f"{path}: section {algo!r} sets algo {values['algo']!r}")
+    for key in COMMAND_FIELDS:
+        if key in values and values[key] != FIELDS[key].default:
+            raise ConfigError(f"{path}: {key} can only be given on the command line (--{key})")
+    return values
+
+
+def load_config(argv: list[str], warn_unused: bool = True) -> Config:
+    """Resolve the full configuration for a command line, validating everything.
+
+    Precedence: defaults < per-algorithm defaults < task file < --config file < flags. The
+    task (env, task flags) and the algorithm that pick the task file and the sections come
+    from the flags and the --config file together. ``warn_unused``: a warning line on stderr
+    for each flag this configuration does not read (``unused_flags``); a sweep warns once
+    across its runs instead."""
     flags = parse_flags(argv)
     values: dict[str, Any] = {}
     _apply(values, flags, "command line")
     defaults = Config()
-    probe = {**defaults.to_dict(), **values}
-    from envs.registry import check_task, check_task_flags  # env families and their task names
+    from envs.registry import check_task, check_task_flags, task_name  # env families and their task names
 
+    extra: dict[str, Any] = {}
+    if values.get("config"):
+        extra_path = Path(values["config"])
+        extra = _file_settings(extra_path, values.get("algo"))
+    probe = {**defaults.to_dict(), **extra, **values}
     check_task(probe)
     check_task_flags(probe["env"], values)
+    if extra:
+        try:  # another family's task keys at non-default values: the file is for another env
+            check_task_flags(probe["env"], [k for k, v in extra.items() if v != getattr(defaults, k)])
+        except ConfigError as exc:
+            raise ConfigError(f"{extra_path}: {exc}") from None
     resolved: dict[str, Any] = dict(ALGORITHM_DEFAULTS.get(probe["algo"], {}))
     source = {key: f"the {probe['algo']} default" for key in resolved}  # where a value came from
     task_file = task_config_path(probe)
-    files = [task_file] if task_file.exists() else []
-    if probe["config"]:
-        files.append(Path(probe["config"]))
-    for path in files:
-        section = _sections(read_yaml(path), probe["algo"], path)
-        _apply(resolved, section, str(path))
-        source.update({key: str(path) for key in section})
+    if task_file.exists():
+        section = _file_settings(task_file, probe["algo"])
+        if (section.get("env", probe["env"]) != probe["env"]
+                or task_name({**probe, **section}) != task_name(probe)):
+            raise ConfigError(f"{task_file} names another task than {probe['env']} {task_name(probe)}, "
+                              "whose file it is")
+        resolved.update(section)
+        source.update({key: str(task_file) for key in section})
+    resolved.update(extra)
+    source.update({key: values.get("config", "") for key in extra})
     resolved.update(values)  # flags win
     for key in values:
         source.pop(key, None)
     config = dataclasses.replace(defaults, **resolved)
     try:
-        return config.validate()
+        config.validate()
     except ConfigError as exc:  # name the file when the offending value is not a flag
         named = re.match(r"--(\w+)", str(exc))
         if named and named.group(1) in source:
             raise ConfigError(f"{exc} ({named.group(1)} is set in {source[named.group(1)]})") from None
         raise
+    for name, why in (unused_flags(config, values) if warn_unused else {}).items():
+        print(f"warning: --{name} has no effect here: {why}", file=sys.stderr, flush=True)
+    return config
+
+
+def unused_flags(config: Config, given: Any) -> dict[str, str]:
+    """Among the flag names ``given``, those ``config`` does not read, with the reason. They
+    are a warning, not an error, so that one set of flags can serve several algorithms;
+    config files set them silently (a ``common:`` section serves every algorithm)."""
+    ppo = config.algo != "hatrpo"
+    reasons = {
+        **({name: f"only --algo hatrpo reads it (--algo {config.algo} takes clipped PPO steps)"
+            for name in ("kl_threshold", "ls_step", "accept_ratio", "backtrack_coeff", "cg_iters",
+                         "cg_damping")} if ppo else {}),
+        **({name: "HATRPO's actor takes one natural-gradient step per update, sized by "
+                  "--kl_threshold (--lr, --ppo_epoch and --actor_num_mini_batch are the PPO family's)"
+            for name in ("lr", "ppo_epoch", "actor_num_mini_batch")} if not ppo else {}),
+        **({name: "it applies with --use_recurrent_policy"
+            for name in ("recurrent_n", "data_chunk_length")} if not config.use_recurrent_policy else {}),
+        **({"wandb_project": "it applies with --wandb"} if not config.wandb else {}),
+        **({"huber_delta": "it applies with --use_huber_loss"} if not config.use_huber_loss else {}),
+    }
+    return {name: reasons[name] for name in given if name in reasons}
 
 
 def config_from_dict(data: dict[str, Any], source: str) -> Config:
@@ -505,6 +586,9 @@ def config_from_dict(data: dict[str, Any], source: str) -> Config:
 def save_config(config: Config, path: Path) -> None:
     from utils.checkpoint import atomic_write_bytes
 
-    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    # COMMAND_FIELDS at their defaults: the file holds how the run trains, and passed as
+    # --config it starts the same training.
+    saved = dataclasses.replace(config, **{k: FIELDS[k].default for k in COMMAND_FIELDS})
+    text = yaml.safe_dump(saved.to_dict(), sort_keys=False)
     atomic_write_bytes(path, text.encode())
 

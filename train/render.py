@@ -10,8 +10,8 @@ each episode's return and the output path.
 ``--max_steps N`` cuts every episode after N steps (MaMuJoCo episodes last 1000 steps);
 a cut episode's return is the return of its first N steps (and it counts as not won).
 MaMuJoCo renders off-screen with ``MUJOCO_GL=egl`` unless MUJOCO_GL is already set.
-Bad input (no such run directory, no checkpoint, an unknown extension) exits with status
-2 and one line on stderr.
+Bad input (no such run directory, no checkpoint, an unknown extension, an ``--out`` that
+cannot be written) exits with status 2 and one line on stderr, before any episode is played.
 """
 from __future__ import annotations
 
@@ -68,7 +68,28 @@ def output_path(args: argparse.Namespace, run_dir: Path) -> Path:
         raise ConfigError(f"--out {out}: the extension must be .mp4 or .gif")
     if out.is_dir():
         raise ConfigError(f"--out {out} is a directory")
+    check_writable(out)
     return out
+
+
+def check_writable(out: Path) -> None:
+    """Write (and delete) a probe beside ``out`` now: an unwritable ``--out`` found only after
+    all the episodes were played wastes them. Folders made for the probe are removed again."""
+    existing = next(d for d in (out.parent, *out.parent.parents) if d.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--out {out}: {existing} is a file, not a directory")
+    created = [d for d in (out.parent, *out.parent.parents) if not d.exists()]  # deepest first
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = FrameWriter.temp_path(out)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot write in {out.parent} ({exc.strerror})") from None
+    finally:
+        for d in created:
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
 
 
 class EpisodeRecorder:
@@ -144,10 +165,14 @@ class FrameWriter:
 
     def __init__(self, path: Path, fps: int, width: int, height: int):
         self.path, self.fps, self.width, self.height = path, fps, width, height
-        self.tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+        self.tmp = self.temp_path(path)
         self.writer = None
         self.count = 0
         self.size: tuple[int, int] | None = None
+
+    @staticmethod
+    def temp_path(path: Path) -> Path:
+        return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
     def _target_size(self, frame: np.ndarray) -> tuple[int, int]:
         h, w = frame.shape[:2]

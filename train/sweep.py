@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envs.registry import TASK_FLAGS
-from train.config import REPO_ROOT, ConfigError, load_config
+from train.config import REPO_ROOT, ConfigError, load_config, parse_flags, unused_flags
 
 # Task flags of every env family (envs/registry.py), then algorithm and seed: outermost first.
 ORDER = (*dict.fromkeys(name for names in TASK_FLAGS.values() for name in names), "algo", "seed")
@@ -200,9 +200,24 @@ def plan(argv: list[str]) -> Plan:
         child = [*rest, *fixed]
         described = " ".join(f"--{key} {value}" for (key, _), value in zip(axes, combo))
         try:
-            config = load_config(child)
+            config = load_config(child, warn_unused=False)
         except ConfigError as exc:
             raise ConfigError(f"run {described or '(single)'}: {exc}") from None
+        # A flag only some runs read (--ppo_epoch in --algo happo,hatrpo) goes to those runs;
+        # one that no run reads gets the single run's warning, once (below).
+        unused = unused_flags(config, parse_flags(child))
+        for name in unused:
+            child = drop_flag(child, f"--{name}", f"--{name.replace('_', '-')}")
+        unused_in_every_run = unused if not runs else {k: v for k, v in unused_in_every_run.items() if k in unused}
+        # A swept task flag that the run directory does not name (MaMuJoCo's --agent_obsk)
+        # goes into --exp_name, so its runs get directories (and plot rows) of their own.
+        for (key, items), value in zip(axes, combo):
+            if key in ("algo", "seed") or len(items) < 2:
+                continue
+            own = task_name(config.to_dict())
+            if any(task_name({**config.to_dict(), key: other}) == own for other in items if other != value):
+                config.exp_name = f"{config.exp_name}-{key}{value}".replace("/", "_")
+                child = [*drop_flag(child, "--exp_name", "--exp-name"), "--exp_name", config.exp_name]
         if config.torch_threads == 0:  # not chosen by a flag or a config file
             child += ["--torch_threads", "1"]
         if not os.path.isabs(config.results_dir):  # relative to where the sweep started, as for one run
@@ -212,8 +227,7 @@ def plan(argv: list[str]) -> Plan:
         run_dir = run_dir_for(config)
         if run_dir in seen:
             raise ConfigError(f"runs {seen[run_dir]!r} and {described!r} would share the run directory "
-                              f"{run_dir}: its task name does not tell them apart (e.g. --agent_obsk); "
-                              "sweep them separately, each with its own --exp_name")
+                              f"{run_dir}; sweep them separately, each with its own --exp_name")
         seen[run_dir] = described
         task = task_name(config.to_dict())
         log = (Path(config.results_dir) / "sweep-logs"
@@ -232,6 +246,8 @@ def plan(argv: list[str]) -> Plan:
             child = ["--resume", str(run_dir), *drop_flag(child, "--config")]
         runs.append(Run(label=f"{task} {config.algo} {config.exp_name} seed {config.seed}",
                         argv=child, run_dir=run_dir, log=log, resumed=resumed))
+    for name, why in unused_in_every_run.items():
+        print(f"warning: --{name} has no effect in any run of this sweep: {why}", file=sys.stderr, flush=True)
     return Plan(runs, max_parallel, ray_address)
 
 

@@ -496,8 +496,9 @@ class TableRow:
 
     @property
     def std(self) -> float:
-        """Population std over seeds (``np.std``, ddof=0; 0 for one seed)."""
-        return float(np.std(self.finals))
+        """Sample std over seeds (ddof=1: the seeds are a sample, and with 2-3 of them the
+        population std understates the spread); 0 for one seed, where it is undefined."""
+        return float(np.std(self.finals, ddof=1)) if len(self.finals) > 1 else 0.0
 
     @property
     def iqm(self) -> float | None:
@@ -526,7 +527,7 @@ def _fmt(x: float) -> str:
 
 
 def markdown_table(rows: list[TableRow], metric: str) -> str:
-    """Markdown table: task | algo | <metric> (mean ± std) | seeds | env steps | IQM."""
+    """Markdown table: task | algo | <metric> (mean ± std) | seeds | env steps | IQM; std: ``TableRow.std``."""
     lines = [f"| task | algo | {metric} (mean ± std) | seeds | env steps | IQM |",
              "|---|---|---|---|---|---|"]
     for row in rows:

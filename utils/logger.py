@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from train.config import ConfigError
 from utils.checkpoint import CheckpointError, atomic_write_bytes
 
 
@@ -46,6 +47,26 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def _start_wandb(run_dir: Path, config):
+    import wandb
+
+    try:
+        return wandb.init(project=config.wandb_project, dir=str(run_dir), config=config.to_dict(),
+                          name=f"{config.algo}-{Path(run_dir).parent.name}-seed{config.seed}",
+                          mode=os.environ.get("WANDB_MODE", "online"), reinit=True)
+    except wandb.errors.Error as exc:  # no API key, a rejected key, no network, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--wandb: Weights & Biases did not start ({reason}); run `wandb login`, "
+                          "or set WANDB_MODE=offline to log without an account") from None
+
+
+def _remove_tb_events(tb_dir: Path) -> None:
+    """Delete the event files in this run's own ``tb/`` (tensorboard would overlay them)."""
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        if path.is_file():
+            path.unlink()
+
+
 class MetricsLogger:
     """Appends rows to ``<run_dir>/metrics.csv``; on resume, first drops rows after the
     checkpoint (``keep_up_to_env_steps``) so replayed iterations are not doubled."""
@@ -53,22 +74,20 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, config, keep_up_to_env_steps: int | None = None):
         self.path = Path(run_dir) / "metrics.csv"
         self.header: list[str] | None = None
+        # W&B first: it is the step that fails on the user's setup (no login), and failing
+        # before anything is written leaves a new run directory empty (removed) and an old one intact.
+        self.wandb_run = _start_wandb(run_dir, config) if config.wandb else None
         if keep_up_to_env_steps is not None and self.path.exists():
             self._truncate(keep_up_to_env_steps)
         elif self.path.exists():
             self.path.unlink()
+        if keep_up_to_env_steps is None:  # starting from step 0: the old events are of a discarded session
+            _remove_tb_events(Path(run_dir) / "tb")
         self.tb = None
         if config.tensorboard:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=None if keep_up_to_env_steps is None else keep_up_to_env_steps + 1)
-        self.wandb_run = None
-        if config.wandb:
-            import wandb
-
-            self.wandb_run = wandb.init(project=config.wandb_project, dir=str(run_dir), config=config.to_dict(),
-                                        name=f"{config.algo}-{Path(run_dir).parent.name}-seed{config.seed}",
-                                        mode=os.environ.get("WANDB_MODE", "online"), reinit=True)
         self._tty = sys.stdout.isatty()
 
     def _truncate(self, keep_up_to: int) -> None:
