@@ -221,8 +221,8 @@ class SMAXVecEnv(VecEnv):
         # Copy k's key depends on the integer seed + k alone (the VecEnv contract), so an env
         # worker holding copies [first, ...) with seed + first draws the same keys as one
         # in-process env. (fold_in(PRNGKey(seed), k) did not: it depended on the split.)
-        seeds = (np.arange(self.n_envs, dtype=np.uint64) + np.uint64(seed)) % np.uint64(2**32)
-        return self._jax.vmap(self._jax.random.PRNGKey)(self._jnp.asarray(seeds.astype(np.uint32)))
+        seeds = np.array([(int(seed) + k) % 2**32 for k in range(self.n_envs)], dtype=np.uint32)
+        return self._jax.vmap(self._jax.random.PRNGKey)(self._jnp.asarray(seeds))
 
     def _copy_out(self, out: dict) -> None:
         out = self._jax.device_get(out)

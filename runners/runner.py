@@ -364,11 +364,13 @@ class Runner:
                     print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved; "
                           f"continue with --resume {self.run_dir}", flush=True)
                     return 130
-            if cfg.use_eval and self.last_eval.get("env_steps") != self.env_steps:
+            evaluated_at = self.last_eval.get("env_steps")  # None: a checkpoint from before 244de2d
+            if cfg.use_eval and evaluated_at != self.env_steps and (
+                    evaluated_at is not None or cfg.num_env_steps < self.env_steps):
                 # Resumed with --num_env_steps below the steps already done: the policy being
-                # reported has not been evaluated yet.
-                print(f"note: --num_env_steps {cfg.num_env_steps} is below the {self.env_steps} env steps "
-                      "already done; evaluating the final policy for summary.json", flush=True)
+                # reported may not have been evaluated yet.
+                print(f"note: evaluating the final policy ({self.env_steps} env steps) for summary.json",
+                      flush=True)
                 self.last_eval = {**self.evaluate(), "env_steps": self.env_steps}
             summary = self.write_summary()
             shown = ["eval_return_mean"] + [f"eval_{m}" for m in self.spec.episode_metrics]

@@ -18,7 +18,9 @@ def test_given_recognises_every_spelling():
 def test_bench_prints_the_figures_on_the_reference_rollout(capsys):
     rc = bench.main(["--iterations", "2", "--hidden_sizes", "16,16", "--ppo_epoch", "1", "--critic_epoch", "1"])
     assert rc == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert "summary.json" not in out  # the run's own lines name a temporary directory
     assert "20x200" in result["workload"] and "happo" in result["workload"]
     assert result["env_steps"] == 2 * 20 * 200
     assert result["sps"] > 0 and result["env_only_sps"] > 0 and result["peak_rss_mb"] > 0
@@ -32,8 +34,11 @@ def test_bench_prints_the_figures_on_the_reference_rollout(capsys):
 def test_bench_rejects_bad_input(capsys):
     assert bench.main(["--iterations", "0"]) == 2
     assert bench.main(["--algo", "nope"]) == 2
+    assert bench.main(["--num-env-steps", "5000"]) == 2  # the benchmark's own: would be overridden
+    assert bench.main(["--no-use_eval"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert "--num_env_steps is set by the benchmark (use --iterations)" in err[2]
 
 
 def test_child_peaks_counts_the_memory_of_live_children():

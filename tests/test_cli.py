@@ -216,14 +216,12 @@ def test_a_config_file_can_name_the_task_and_the_algorithm(tmp_path):
 @pytest.mark.parametrize("text,needles", [
     ("agent_conf: 7x7\n", ["--agent_conf", "7x7"]),
     ("eval_only: true\n", ["eval_only can only be given on the command line"]),
-    ("common:\n  resume: /some/run\n", ["resume can only be given on the command line"]),
-    ("config: other.yaml\n", ["config can only be given on the command line"]),
+    ("common:\n  model_dir: /some/run\n", ["model_dir can only be given on the command line"]),
     ("hidden_sizes: [64.7, 32]\n", ["hidden_sizes", "64.7"]),
     ("hidden_sizes: [64, true]\n", ["hidden_sizes"]),
     ("gamma: true\n", ["gamma", "True"]),
     ("backtrack_coeff: 5\n", ["--backtrack_coeff must be in (0, 1)"]),
-], ids=["bad-task", "eval_only", "resume", "nested-config", "float-list", "bool-in-list", "bool-float",
-        "backtrack"])
+], ids=["bad-task", "eval_only", "model_dir", "float-list", "bool-in-list", "bool-float", "backtrack"])
 def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys, text, needles):
     path = write(tmp_path / "user.yaml", text)
     rc, out, err = run_main(capsys, [*SMALL, "--config", str(path), "--results_dir", str(tmp_path / "r")])
@@ -231,13 +229,21 @@ def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys, text, needles
     assert not (tmp_path / "r").exists()
 
 
-def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run):
+def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run, tmp_path, capsys):
     """config.yaml holds the command fields at their defaults, so it can start the same
-    training again (into a new run directory)."""
-    saved = yaml.safe_load((finished_run / "config.yaml").read_text())
+    training again (into a new run directory), or the same settings for another --algo."""
+    path = finished_run / "config.yaml"
+    saved = yaml.safe_load(path.read_text())
     assert all(saved[k] in ("", False) for k in ("config", "resume", "model_dir", "eval_only"))
-    again = load_config(["--config", str(finished_run / "config.yaml"), "--exp_name", "again"])
+    again = load_config(["--config", str(path), "--exp_name", "again"])
     assert {**again.to_dict(), "exp_name": "default", "config": ""} == saved
+    assert load_config(["--config", str(path), "--algo", "hatrpo"]).algo == "hatrpo"  # the flag wins
+    # Written before 244de2d, a resumed run's file names its --config and its directory: ignored.
+    old = write(tmp_path / "old.yaml", yaml.safe_dump({**saved, "config": "my.yaml", "resume": str(finished_run)}))
+    capsys.readouterr()
+    assert {**load_config(["--config", str(old)]).to_dict(), "config": ""} == saved
+    err = capsys.readouterr().err
+    assert "warning: " in err and "config 'my.yaml' ignored" in err and "resume" in err
 
 
 @pytest.mark.parametrize("argv,needles", [

@@ -380,7 +380,37 @@ def test_resume_below_the_steps_done_evaluates_the_final_policy(tmp_path, capsys
     (directory / "summary.json").unlink()
     capsys.readouterr()
     assert main(["--resume", str(directory), "--num_env_steps", str(E * T)]) == 0
-    assert "evaluating the final policy" in capsys.readouterr().out
+    assert "evaluating the final policy (300 env steps)" in capsys.readouterr().out
     after = json.loads((directory / "summary.json").read_text())
     assert after["eval_env_steps"] == 3 * E * T
     assert after["eval_return_mean"] == before["eval_return_mean"]  # the same policy, the same evaluation seeds
+
+
+def read_tensorboard_tags(tb_dir: Path) -> set[str]:
+    """Scalar tags in a run's event files (TFRecord framing: length, crc, event, crc)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    tags = set()
+    for path in tb_dir.glob("events.out.tfevents.*"):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            tags.update(value.tag for value in event.summary.value)
+            offset += 16 + length
+    return tags
+
+
+def test_tensorboard_panels(tmp_path):
+    from utils.logger import tensorboard_tag
+
+    assert train(tmp_path, "--num_env_steps", str(E * T), "--tensorboard") == 0
+    tags = read_tensorboard_tags(run_dir(tmp_path, "happo") / "tb")
+    assert {"eval/return", "eval/return_std", "run/sps", "run/iteration", "agent0/entropy",
+            "critic/value_loss", "time/env_s"} <= tags
+    # Every numeric column has its tag (no episode finished in 50 steps: the train_* ones are NaN).
+    filled = [c for c, v in read_metrics(run_dir(tmp_path, "happo"))[0].items()
+              if c != "env_steps" and v not in ("", "nan")]
+    assert tags == {tensorboard_tag(c) for c in filled}

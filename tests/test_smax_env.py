@@ -304,3 +304,10 @@ def test_env_worker_processes_match_one_in_process_env():
     finally:
         workers.close()
         local.close()
+
+
+def test_any_integer_seed_works(env3m):
+    """Seeds wrap modulo 2**32 (render takes any --seed; evaluation seeds exceed 2**32)."""
+    below, wrapped = copy_step(env3m.reset(seed=-1)), copy_step(env3m.reset(seed=2**32 - 1))
+    assert_same([below], [wrapped])
+    assert_same([copy_step(env3m.reset(seed=3 + 2**40))], [copy_step(env3m.reset(seed=3 + 2**40))])

@@ -75,6 +75,18 @@ def test_plan_expands_the_product_and_passes_other_flags(tmp_path, capsys):
     assert all(r.argv[r.argv.index("--torch_threads") + 1] == "2" for r in given.runs)
 
 
+def test_a_sweep_that_dropped_a_flag_from_a_run_continues_it(tmp_path, capsys):
+    """--lr is dropped from the HATRPO run; running the same sweep again must recognise that
+    run's saved settings as its own, not refuse it as 'other settings'."""
+    argv = [*TINY, "--results_dir", str(tmp_path), "--algo", "happo,hatrpo", "--lr", "0.001"]
+    first = plan(argv)
+    hatrpo = next(run for run in first.runs if "hatrpo" in run.label)
+    assert "--lr" not in hatrpo.argv
+    assert train_main(hatrpo.argv) == 0
+    again = plan(argv)
+    assert [run.resumed for run in again.runs] == [False, True]
+
+
 def test_local_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
     results = tmp_path / "results"
     rc = train_main([*TINY, "--results_dir", str(results), "--algo", ",".join(ALGOS),

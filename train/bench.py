@@ -15,7 +15,9 @@ line printed is one JSON object:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import resource
 import sys
@@ -113,11 +115,19 @@ def main(argv: list[str] | None = None) -> int:
     from train.config import ConfigError, load_config
     from train.train import main as train_main
 
+    # The benchmark sets these itself; given, they would be silently overridden.
+    for name, instead in (("num_env_steps", "use --iterations"), ("results_dir", "nothing is kept"),
+                          ("use_eval", "it measures training only"), ("resume", "it starts a fresh run"),
+                          ("log_interval", "it reads every iteration"), ("save_interval", "it saves once")):
+        if given(rest, name) or given(rest, f"no-{name}"):
+            print(f"error: --{name} is set by the benchmark ({instead})", file=sys.stderr)
+            return 2
     if not any(given(rest, f) for f in ("env", "scenario", "agent_conf", "config", "episode_length")):
         rest = rest + REFERENCE_ROLLOUT
 
     try:
-        base = load_config(rest + ["--device", "cpu"] if "--device" not in rest else rest)
+        base = load_config(rest + ["--device", "cpu"] if "--device" not in rest else rest,
+                           warn_unused=False)  # the run below warns
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -132,10 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         children = ChildPeaks()
         children.start()
         start = time.time()
-        code = train_main(flags)
+        captured = io.StringIO()  # the run's own lines name a directory that is deleted below
+        with contextlib.redirect_stdout(captured):
+            code = train_main(flags)
         wall = time.time() - start
         children_kib = children.stop()
         if code != 0:
+            print(captured.getvalue(), end="", flush=True)
             return code
         run_dir = next(Path(tmp).rglob("summary.json")).parent
         summary = json.loads((run_dir / "summary.json").read_text())

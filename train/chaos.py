@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             interval = max(1, n_iter // (2 * opts.kills + 2))
             if interval < config.save_interval:
                 flags += ["--save_interval", str(interval)]
-                config = load_config(flags)
+                config = load_config(flags, warn_unused=False)  # warned above
         if opts.kills and n_iter // config.save_interval < opts.kills + 1:
             raise ConfigError(f"--kills {opts.kills} needs more than {opts.kills} checkpoints before the last "
                               f"iteration; {n_iter} iterations with --save_interval {config.save_interval} "

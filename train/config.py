@@ -482,7 +482,11 @@ def task_config_path(values: dict[str, Any]) -> Path:
 
 # What a command line does with a run rather than how the run trains: a YAML file cannot set
 # them (a run's config.yaml holds them at their defaults, so it can be passed as --config).
+# eval_only / model_dir in a file are an error (the file asks for something else than training);
+# config / resume are ignored with a warning (config.yaml files written before 244de2d hold
+# the --config file and the resumed directory they came from).
 COMMAND_FIELDS = ("config", "resume", "model_dir", "eval_only")
+IGNORED_IN_FILES = ("config", "resume")
 
 
 def _file_settings(path: Path, algo: str | None) -> dict[str, Any]:
@@ -492,13 +496,19 @@ def _file_settings(path: Path, algo: str | None) -> dict[str, Any]:
     data = read_yaml(path)
     if algo is None:
         algo = str(_sections(data, "", path).get("algo", Config.algo))
+    section = data.get(algo)
+    if isinstance(section, dict) and str(section.get("algo", algo)) != algo:
+        raise ConfigError(f"{path}: section {algo!r} sets algo {section['algo']!r}")
     values: dict[str, Any] = {}
     _apply(values, _sections(data, algo, path), str(path))
-    if values.get("algo", algo) != algo:
-        raise ConfigError(f"{path}: section {algo!r} sets algo {values['algo']!r}")
+    values["algo"] = algo  # the flag, if any, over a flat / common algo: flags win
     for key in COMMAND_FIELDS:
         if key in values and values[key] != FIELDS[key].default:
-            raise ConfigError(f"{path}: {key} can only be given on the command line (--{key})")
+            if key not in IGNORED_IN_FILES:
+                raise ConfigError(f"{path}: {key} can only be given on the command line (--{key})")
+            print(f"warning: {path}: {key} {values[key]!r} ignored: only the command line sets "
+                  f"--{key}", file=sys.stderr, flush=True)
+        values.pop(key, None)
     return values
 
 

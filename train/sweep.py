@@ -206,8 +206,10 @@ def plan(argv: list[str]) -> Plan:
         # A flag only some runs read (--ppo_epoch in --algo happo,hatrpo) goes to those runs;
         # one that no run reads gets the single run's warning, once (below).
         unused = unused_flags(config, parse_flags(child))
-        for name in unused:
-            child = drop_flag(child, f"--{name}", f"--{name.replace('_', '-')}")
+        if unused:
+            for name in unused:
+                child = drop_flag(child, f"--{name}", f"--{name.replace('_', '-')}")
+            config = load_config(child, warn_unused=False)  # what the run will save, to compare on a re-run
         unused_in_every_run = unused if not runs else {k: v for k, v in unused_in_every_run.items() if k in unused}
         # A swept task flag that the run directory does not name (MaMuJoCo's --agent_obsk)
         # goes into --exp_name, so its runs get directories (and plot rows) of their own.

@@ -67,6 +67,18 @@ def _remove_tb_events(tb_dir: Path) -> None:
             path.unlink()
 
 
+def tensorboard_tag(column: str) -> str:
+    """The TensorBoard tag of a metrics.csv column; the prefix is the panel it shows in:
+    ``eval_return`` -> ``eval/return``, ``train_episode_return`` -> ``train/episode_return``,
+    ``agent0/kl`` as it is, the rest (``sps``, ``rss_mb``, ...) -> ``run/<column>``."""
+    if "/" in column:
+        return column
+    for prefix in ("eval", "train"):
+        if column.startswith(prefix + "_"):
+            return f"{prefix}/{column[len(prefix) + 1:]}"
+    return f"run/{column}"
+
+
 class MetricsLogger:
     """Appends rows to ``<run_dir>/metrics.csv``; on resume, first drops rows after the
     checkpoint (``keep_up_to_env_steps``) so replayed iterations are not doubled."""
@@ -133,7 +145,7 @@ class MetricsLogger:
         if self.tb is not None:
             for key, value in numeric.items():
                 if key != "env_steps":
-                    self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+                    self.tb.add_scalar(tensorboard_tag(key), value, step)
             self.tb.flush()
         if self.wandb_run is not None:
             self.wandb_run.log(numeric, step=step)
