@@ -248,8 +248,9 @@ class Runner:
             self.eval_env = make_vec_env(self.config, n_envs=min(self.config.n_eval_rollout_threads,
                                                                  self.config.eval_episodes),
                                          seed=eval_seed(self.config), evaluation=True)
-        return evaluate(self.algo, self.eval_env, self.config.eval_episodes,
-                        seed=eval_seed(self.config, self.iteration))
+        result = evaluate(self.algo, self.eval_env, self.config.eval_episodes,
+                          seed=eval_seed(self.config, self.iteration))
+        return {**result, "env_steps": self.env_steps}  # when: summary.json's eval_env_steps
 
     def _train_episode_stats(self) -> dict[str, float]:
         if not self.recent_episodes:
@@ -344,7 +345,7 @@ class Runner:
                 eval_result = None
                 if cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last):
                     eval_start = time.time()
-                    eval_result = self.last_eval = {**self.evaluate(), "env_steps": self.env_steps}
+                    eval_result = self.last_eval = self.evaluate()
                     window_start += time.time() - eval_start  # sps is training throughput
                 if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
                     now = time.time()
@@ -371,7 +372,7 @@ class Runner:
                 # reported may not have been evaluated yet.
                 print(f"note: evaluating the final policy ({self.env_steps} env steps) for summary.json",
                       flush=True)
-                self.last_eval = {**self.evaluate(), "env_steps": self.env_steps}
+                self.last_eval = self.evaluate()
             summary = self.write_summary()
             shown = ["eval_return_mean"] + [f"eval_{m}" for m in self.spec.episode_metrics]
             evals = "".join(f", {k} {summary[k]:.4g}" for k in shown if summary.get(k) is not None)

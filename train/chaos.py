@@ -144,7 +144,7 @@ def check_chaos_dir(chaos_dir: Path, flag: str) -> None:
     from train.train import ensure_writable
 
     held = [name for name in ("uninterrupted", "killed") if (chaos_dir / name).exists()]
-    if chaos_dir.is_dir() and held:
+    if held:
         raise ConfigError(f"{flag} {chaos_dir} already holds runs ({', '.join(held)}): choose an empty "
                           "directory or remove it")
     ensure_writable(chaos_dir, flag)

@@ -213,11 +213,12 @@ def plan(argv: list[str]) -> Plan:
         unused_in_every_run = unused if not runs else {k: v for k, v in unused_in_every_run.items() if k in unused}
         # A swept task flag that the run directory does not name (MaMuJoCo's --agent_obsk)
         # goes into --exp_name, so its runs get directories (and plot rows) of their own.
+        settings = config.to_dict()
+        task = task_name(settings)
         for (key, items), value in zip(axes, combo):
             if key in ("algo", "seed") or len(items) < 2:
                 continue
-            own = task_name(config.to_dict())
-            if any(task_name({**config.to_dict(), key: other}) == own for other in items if other != value):
+            if any(task_name({**settings, key: other}) == task for other in items if other != value):
                 config.exp_name = f"{config.exp_name}-{key}{value}".replace("/", "_")
                 child = [*drop_flag(child, "--exp_name", "--exp-name"), "--exp_name", config.exp_name]
         if config.torch_threads == 0:  # not chosen by a flag or a config file
@@ -231,7 +232,6 @@ def plan(argv: list[str]) -> Plan:
             raise ConfigError(f"runs {seen[run_dir]!r} and {described!r} would share the run directory "
                               f"{run_dir}; sweep them separately, each with its own --exp_name")
         seen[run_dir] = described
-        task = task_name(config.to_dict())
         log = (Path(config.results_dir) / "sweep-logs"
                / f"{config.env}_{task}_{config.algo}_{config.exp_name}_seed{config.seed}.log")
         # Running a sweep again continues it: a run that already started (an interrupted sweep,
