@@ -42,6 +42,15 @@ class Runner:
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         self.env = make_vec_env(config, n_envs=E, seed=env_seed(config))
+        try:
+            self._build(checkpoint)
+        except BaseException:  # e.g. a ConfigError from the algorithm: don't leave env workers behind
+            self.env.close()
+            raise
+
+    def _build(self, checkpoint: dict | None) -> None:
+        config, device = self.config, self.device
+        E, T = config.n_rollout_threads, config.episode_length
         self.spec = self.env.spec
         self.algo = make_algorithm(config, self.spec, device)
         recurrent = config.use_recurrent_policy

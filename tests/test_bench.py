@@ -36,8 +36,11 @@ def test_bench_rejects_bad_input(capsys):
     assert bench.main(["--algo", "nope"]) == 2
     assert bench.main(["--num-env-steps", "5000"]) == 2  # the benchmark's own: would be overridden
     assert bench.main(["--no-use_eval"]) == 2
+    assert bench.main(["--tensorboard"]) == 2
+    assert bench.main(["--progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 6 and all(line.startswith("error: ") for line in err)
+    assert err[5] == "error: --progress is set by the benchmark (its last line is the result)"
     assert "--num_env_steps is set by the benchmark (use --iterations)" in err[2]
 
 

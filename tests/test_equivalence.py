@@ -246,3 +246,46 @@ def test_batched_values_and_deferred_critic_match_the_step_by_step_path(algo_nam
     for a, b in zip(algo.critics.parameters(), twin.critics.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
     assert algo._critic_stats == pytest.approx(twin._critic_stats, rel=1e-4)
+
+
+def test_evaluations_draw_disjoint_seeds_and_repeat_exactly():
+    """Each evaluation's copies (base + k) share no seed with another evaluation of the run,
+    with the training copies, or with another seed's evaluations; the same (seed, iteration)
+    always gives the same base, so --eval_only repeats the run's own evaluation."""
+    from runners.evaluate import env_seed, eval_seed
+
+    copies, iterations = 64, range(0, 1001, 25)
+    used: dict[int, tuple[int, int]] = {}
+    for seed in (-1, 0, 1, 2, 3):
+        config = Config(seed=seed)
+        training = {env_seed(config) + k for k in range(256)}
+        for it in iterations:
+            base = eval_seed(config, it)
+            assert base == eval_seed(Config(seed=seed), it)
+            assert 0 <= base and base + copies < 2**32
+            for k in range(copies):
+                assert base + k not in training
+                assert base + k not in used, (seed, it, used.get(base + k))
+                used[base + k] = (seed, it)
+
+
+def test_runner_that_fails_to_build_closes_its_env_workers(tmp_path, monkeypatch):
+    """A ConfigError raised after the envs exist (here: --share_param over agents with
+    different observation sizes) must not leave env worker processes running."""
+    import runners.runner as runner_module
+    from train.config import ConfigError
+
+    made = []
+
+    def recording_make_vec_env(*args, **kwargs):
+        made.append(runner_module_make(*args, **kwargs))
+        return made[-1]
+
+    runner_module_make = runner_module.make_vec_env
+    monkeypatch.setattr(runner_module, "make_vec_env", recording_make_vec_env)
+    config = Config(agent_conf="6x1", agent_obsk=1, share_param=True, n_rollout_threads=2, n_env_workers=2,
+                    hidden_sizes=[8]).validate()
+    with pytest.raises(ConfigError, match="share_param"):
+        runner_module.Runner(config, tmp_path, torch.device("cpu"))
+    (env,) = made
+    assert env._procs and not any(p.is_alive() for p in env._procs)

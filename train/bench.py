@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     # The benchmark sets these itself; given, they would be silently overridden.
     for name, instead in (("num_env_steps", "use --iterations"), ("results_dir", "nothing is kept"),
                           ("use_eval", "it measures training only"), ("resume", "it starts a fresh run"),
-                          ("log_interval", "it reads every iteration"), ("save_interval", "it saves once")):
+                          ("log_interval", "it reads every iteration"), ("save_interval", "it saves once"),
+                          ("tensorboard", "it writes no event files"), ("progress", "its last line is the result")):
         if given(rest, name) or given(rest, f"no-{name}"):
             print(f"error: --{name} is set by the benchmark ({instead})", file=sys.stderr)
             return 2
