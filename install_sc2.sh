@@ -7,12 +7,12 @@
 # (the archive password "iagreetotheeula" says so). `--env smax` needs none of this.
 set -euo pipefail
 
-SC2_URL="https://blzdistsc2-a.akamaihd.net/Linux/SC2.4.10.zip"
+SC2_URL="${SC2_URL:-https://blzdistsc2-a.akamaihd.net/Linux/SC2.4.10.zip}"
 SC2_PASSWORD="iagreetotheeula"
-MAPS_URL="https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip"
+MAPS_URL="${SMAC_MAPS_URL:-https://github.com/oxwhirl/smac/releases/download/v0.1-beta1/SMAC_Maps.zip}"
 # NOTE: the PyPI package named "smac" is SMAC3 (hyper-parameter optimisation), a different
 # project: StarCraft's SMAC must come from its git repository.
-SMAC_PIP="git+https://github.com/oxwhirl/smac.git"
+SMAC_PIP="${SMAC_PIP:-git+https://github.com/oxwhirl/smac.git}"
 
 usage() {
     cat <<EOF
@@ -20,8 +20,11 @@ Usage: bash install_sc2.sh [DIR]
 
 Installs StarCraft II 4.10 for Linux into DIR (default: \$SC2PATH, else ~/StarCraftII),
 adds the SMAC maps under DIR/Maps/SMAC_Maps, and pip-installs oxwhirl's smac
-($SMAC_PIP) into the active python (\$PYTHON, else python3).
-Needs curl or wget, and unzip. Prints the 'export SC2PATH=...' line to use afterwards.
+($SMAC_PIP) into the project's .venv (the python the launch scripts run; created
+if missing), or into \$PYTHON if you set it.
+Needs curl or wget, and unzip; the download is unpacked next to DIR (not in /tmp).
+SC2_URL / SMAC_MAPS_URL / SMAC_PIP override the sources (a mirror, a local checkout).
+Prints the 'export SC2PATH=...' line to use afterwards.
 EOF
 }
 
@@ -33,7 +36,9 @@ case "${1:-}" in
 esac
 
 DEST="${1:-${SC2PATH:-$HOME/StarCraftII}}"
-PYTHON="${PYTHON:-python3}"
+if [ -z "${PYTHON:-}" ]; then  # the interpreter scripts/train_smac.sh runs (sets PYTHON)
+    source "$(dirname "${BASH_SOURCE[0]}")/scripts/setup_env.sh"
+fi
 
 command -v unzip >/dev/null 2>&1 || die "unzip is required (e.g. apt-get install unzip)"
 if command -v curl >/dev/null 2>&1; then
@@ -44,6 +49,8 @@ else
     die "curl or wget is required to download StarCraft II"
 fi
 command -v "$PYTHON" >/dev/null 2>&1 || die "no python found (set PYTHON=/path/to/python)"
+# Before the ~4 GB download, not after it.
+"$PYTHON" -m pip --version >/dev/null 2>&1 || die "$PYTHON has no pip, which installs smac (set PYTHON=...)"
 
 download() {  # download URL FILE WHAT
     echo "Downloading $3 from $1 (this can take a while) ..."
@@ -55,19 +62,22 @@ download() {  # download URL FILE WHAT
 
 PARENT="$(dirname "$DEST")"
 mkdir -p "$PARENT" || die "cannot create $PARENT"
-TMP="$(mktemp -d)"
+TMP="$(mktemp -d "$PARENT/.install_sc2.XXXXXX")" || die "cannot write in $PARENT"
 trap 'rm -rf "$TMP"' EXIT
 
 if [ -d "$DEST/Versions" ]; then
     echo "StarCraft II already installed at $DEST"
 else
     download "$SC2_URL" "$TMP/SC2.zip" "StarCraft II 4.10 (~4 GB)"
-    echo "Unpacking StarCraft II into $PARENT ..."
+    echo "Unpacking StarCraft II into $DEST ..."
     unzip -q -P "$SC2_PASSWORD" "$TMP/SC2.zip" -d "$TMP/sc2" || die "could not unpack $TMP/SC2.zip"
     [ -d "$TMP/sc2/StarCraftII/Versions" ] || die "unexpected archive layout (no StarCraftII/Versions)"
     rm -f "$TMP/SC2.zip"
-    mkdir -p "$DEST"
-    cp -a "$TMP/sc2/StarCraftII/." "$DEST/" || die "could not copy StarCraft II into $DEST"
+    if [ -d "$DEST" ]; then  # e.g. holding Maps/ already: merge
+        cp -a "$TMP/sc2/StarCraftII/." "$DEST/" || die "could not copy StarCraft II into $DEST"
+    else  # same filesystem (TMP is next to DEST): a rename, no second copy of ~4 GB
+        mv "$TMP/sc2/StarCraftII" "$DEST" || die "could not move StarCraft II to $DEST"
+    fi
 fi
 
 if [ -d "$DEST/Maps/SMAC_Maps" ]; then

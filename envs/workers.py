@@ -212,7 +212,14 @@ class WorkerVecEnv(VecEnv):
                            seed=self._seed + first) from None
         if status == "error":
             index, message, _ = payload
-            index = first if index is None else index
+            # The worker exits after reporting: wait for it, so that whatever comes next
+            # (set_state, reset, restart) sees a dead worker and replaces it.
+            self._procs[w].join(timeout=10)
+            if self._procs[w].is_alive():
+                _kill_with_children(self._procs[w])
+            if index is None:  # the env did not name a copy (e.g. SMAX: all copies share one call)
+                raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
+                               f"{self._seed + first}) failed: {message}", seed=self._seed + first)
             raise EnvError(f"env {index} in worker {w} (seed {self._seed + index}) failed: {message}",
                            env_index=index, seed=self._seed + index)
         return payload
@@ -257,6 +264,7 @@ class WorkerVecEnv(VecEnv):
     def reset(self, seed: int | None = None) -> EnvStep:
         if seed is not None:
             self._seed = int(seed)
+        self._replace_dead()
         self._broadcast("reset", [self._seed + w * self.n_local for w in range(self.n_workers)])
         return self._current()
 
@@ -270,10 +278,13 @@ class WorkerVecEnv(VecEnv):
         states = self._broadcast("get_state", [None] * self.n_workers)
         return None if any(s is None for s in states) else {"workers": states, "seed": self._seed}
 
-    def set_state(self, snapshot: Any) -> EnvStep:
-        for w in range(self.n_workers):  # a dead worker is replaced before being restored
+    def _replace_dead(self) -> None:
+        for w in range(self.n_workers):
             if not self._procs[w].is_alive():
                 self._start(w)
+
+    def set_state(self, snapshot: Any) -> EnvStep:
+        self._replace_dead()  # a dead worker is replaced before being restored
         self._seed = snapshot["seed"]
         self._broadcast("set_state", snapshot["workers"])
         return self._current()

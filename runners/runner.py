@@ -110,10 +110,10 @@ class Runner:
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
         self.algo.load_state_dict(ckpt["algorithm"])
-        self._restore_point(ckpt)
-        counters = ckpt["counters"]
+        counters = ckpt["counters"]  # first: an env without snapshots reseeds from the iteration
         self.iteration, self.env_steps = counters["iteration"], counters["env_steps"]
         self.wall_seconds, self.env_restarts = counters["wall_seconds"], counters["env_restarts"]
+        self._restore_point(ckpt)
         self.last_eval = dict(ckpt["last_eval"])
         self.window_stats.update(ckpt.get("window_stats", {}))
 
@@ -234,7 +234,8 @@ class Runner:
                 final_obs = [torch.from_numpy(o[rows]).to(self.device) for o in step.final_obs]
                 if per_step_values:
                     hidden = None if critic_next is None else critic_next[rows]
-                    v, _ = algo.values(final_state, final_obs, hidden, torch.zeros(len(rows), dtype=torch.bool))
+                    v, _ = algo.values(final_state, final_obs, hidden,
+                                       torch.zeros(len(rows), dtype=torch.bool, device=self.device))
                     buf.final_values[t, rows] = v
                 else:
                     buf.final_state[t, rows] = final_state
@@ -332,8 +333,15 @@ class Runner:
                         print(f"warning: {exc}; restarting env {exc.env_index} "
                               f"({self.env_restarts}/{cfg.max_env_restarts}) and redoing update {self.iteration + 1}",
                               flush=True)
-                        self._restore_point(point)
-                        self._take_step(self.env.restart(exc.env_index))
+                        try:
+                            self._restore_point(point)
+                            self._take_step(self.env.restart(exc.env_index))
+                        except EnvError as failed:  # keep the iteration's start rather than lose it
+                            path = self.save(point)
+                            print(f"error: restarting env {exc.env_index} failed: {failed}; checkpoint at "
+                                  f"{point['counters']['env_steps']} env steps saved to {path}", flush=True)
+                            return 1
+                        self.starts[exc.env_index] = True  # a fresh episode: recurrent states start over
                         continue
                     path = self.save(point)
                     print(f"error: {exc}; no env restarts left (--max_env_restarts {cfg.max_env_restarts}); "

@@ -467,8 +467,8 @@ def test_launch_scripts_take_paths_from_the_callers_directory(tmp_path):
                            "--no-progress"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     [summary] = list((tmp_path / "rel").rglob("summary.json"))
-    # The scripts add their --env only where the command takes none of its own: --eval_only and
-    # --resume use the run's (an added --env was refused as "no effect with --eval_only").
+    # The scripts' env is only a default (HARL_DEFAULT_ENV): --eval_only and --resume use the
+    # run's own, whichever script launches them (an --env flag would be refused there).
     for script in ("train_mujoco.sh", "train_smac.sh"):
         for flags in (["--eval_only", "--model_dir", "rel/" + str(summary.parent.relative_to(tmp_path / "rel")),
                        "--eval_episodes", "1", "--n_eval_rollout_threads", "1"],
@@ -479,3 +479,28 @@ def test_launch_scripts_take_paths_from_the_callers_directory(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "scripts" / "train_smac.sh"), "--env", "smac", "--map_name", "3s5z"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert_usage_error(proc.returncode, proc.stderr, "install_sc2.sh", "--env smax")
+    # A --config file's env beats the script's default env (train_smac.sh: smax), as a
+    # run's own config.yaml must: the script used to add --env smax, which trained SMAX 3m.
+    (tmp_path / "smac_run.yaml").write_text("env: smac\nmap_name: 3m\n")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "train_smac.sh"), "--config", "smac_run.yaml",
+                           *SMALL, "--results_dir", "rel2", "--no-progress"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert_usage_error(proc.returncode, proc.stderr, "install_sc2.sh", "--env smax")
+
+
+def test_the_launch_scripts_env_is_a_default_below_config_files_and_flags(monkeypatch, tmp_path):
+    from train.config import DEFAULT_ENV_VARIABLE
+
+    smax_file = tmp_path / "smax.yaml"
+    smax_file.write_text("env: smax\nmap_name: 2s3z\n")
+    lr_file = tmp_path / "lr.yaml"
+    lr_file.write_text("lr: 0.001\n")
+    monkeypatch.setenv(DEFAULT_ENV_VARIABLE, "mamujoco")  # scripts/train_mujoco.sh
+    config = load_config(["--config", str(smax_file)])
+    assert (config.env, config.map_name) == ("smax", "2s3z")
+    monkeypatch.setenv(DEFAULT_ENV_VARIABLE, "smax")  # scripts/train_smac.sh
+    assert (load_config([]).env, load_config([]).map_name) == ("smax", "3m")
+    assert (load_config(["--config", str(lr_file)]).env, load_config(["--config", str(lr_file)]).lr) == ("smax", 0.001)
+    assert load_config(["--env", "mamujoco"]).env == "mamujoco"
+    monkeypatch.delenv(DEFAULT_ENV_VARIABLE)
+    assert load_config([]).env == "mamujoco"

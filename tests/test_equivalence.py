@@ -99,6 +99,12 @@ def test_dead_worker_is_reported_and_replaced():
         assert info.value.env_index == 2
         env.set_state(snapshot)  # replaces the dead worker
         assert np.isfinite(env.step(actions).state).all()
+        # reset too: envs without snapshots (SMAC) restore a failed iteration by re-seeding
+        os.kill(env._procs[0].pid, signal.SIGKILL)
+        env._procs[0].join(10)
+        step = env.reset(5)
+        assert env._procs[0].is_alive() and np.isfinite(step.state).all()
+        assert np.isfinite(env.step(actions).state).all()
     finally:
         env.close()
 
@@ -289,3 +295,34 @@ def test_runner_that_fails_to_build_closes_its_env_workers(tmp_path, monkeypatch
         runner_module.Runner(config, tmp_path, torch.device("cpu"))
     (env,) = made
     assert env._procs and not any(p.is_alive() for p in env._procs)
+
+
+def test_a_worker_whose_env_raised_is_replaced_by_the_restore_and_restart(monkeypatch):
+    """The runner's --max_env_restarts path with env workers: restore the iteration's
+    snapshot, then restart the failed copy. A worker exits after reporting its env's error;
+    set_state used to see it still alive (shutting down), skip replacing it, and fail with
+    "died (exit code None)"."""
+    import functools
+    import json
+
+    import tests.faulty_env as faulty_env
+    from envs.base import EnvError
+    from envs.workers import WorkerVecEnv
+
+    # Each worker holds 2 copies; its local copy 1 crashes on the worker's 2nd step.
+    monkeypatch.setenv("FAULTY_ENV_FAULTS", json.dumps([{"kind": "raise", "step": 2, "env": 1}]))
+    config = Config(n_rollout_threads=4, n_env_workers=2)
+    env = WorkerVecEnv(functools.partial(faulty_env.make_vec_env, config), 4, 2, seed=1, timeout=60)
+    actions = [np.zeros((4, 3), np.float32)] * 2
+    try:
+        env.reset(1)
+        point = env.get_state()
+        env.step(actions)
+        with pytest.raises(EnvError, match="injected simulator crash") as failure:
+            env.step(actions)
+        assert failure.value.env_index == 1
+        env.set_state(point)
+        env.restart(failure.value.env_index)
+        assert np.isfinite(env.step(actions).state).all()  # the new workers' first step
+    finally:
+        env.close()

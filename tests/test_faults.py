@@ -371,6 +371,62 @@ def test_env_crash_with_a_restart_allowed_restarts_that_copy_and_finishes(faulty
     assert load_checkpoint(run)["counters"]["env_restarts"] == 1
 
 
+def test_a_restart_that_fails_saves_the_iteration_start_and_stops(faulty, saves, capsys, tmp_path, monkeypatch):
+    """Rebuilding the copy can fail too (a worker that cannot start, a game that does not
+    launch): the resume point of the failed iteration is saved, not lost."""
+    from envs.base import EnvError
+
+    def restart(self, env_index):
+        raise EnvError(f"env {env_index} could not be rebuilt", env_index=env_index)
+    monkeypatch.setattr(faulty.FaultyVecEnv, "restart", restart)
+    faulty.reset_faults({"kind": "raise", "step": 130, "env": 1})
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", results, *FAULT_FLAGS,
+                                     "--max_env_restarts", "1"])
+    assert rc == 1 and "Traceback" not in out + err
+    line = error_line(out)
+    assert "restarting env 1 failed" in line and "could not be rebuilt" in line and "saved to" in line, line
+    ckpt = load_checkpoint(run_dir(results, env="faulty"))
+    assert ckpt["counters"]["iteration"] == 2 and ckpt["counters"]["env_steps"] == 200
+    assert [s["iteration"] for s in saves.saves] == [2, 2]
+
+
+def test_envs_that_fail_to_start_give_one_line_and_leave_no_run_directory(faulty, capsys, tmp_path,
+                                                                         monkeypatch):
+    from envs.base import EnvError
+
+    def reset(self, seed):
+        raise EnvError("StarCraft II did not launch (stand-in)")
+    monkeypatch.setattr(faulty.FaultyVecEnv, "reset", reset)
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", results, *FAULT_FLAGS])
+    assert rc == 1 and "Traceback" not in out + err
+    assert err.strip() == "error: the environments failed to start: StarCraft II did not launch (stand-in)"
+    assert not results.exists() or list(results.iterdir()) == []
+
+
+def test_a_restarted_copy_starts_its_recurrent_state_over(faulty, capsys, tmp_path, monkeypatch):
+    """The rebuilt copy begins a fresh episode, so its GRU state must be reset there."""
+    from runners.runner import Runner
+
+    starts_at_collect = []
+    original = Runner.collect
+
+    def collect(self):
+        starts_at_collect.append(self.starts.tolist())
+        return original(self)
+    monkeypatch.setattr(Runner, "collect", collect)
+    faulty.reset_faults({"kind": "raise", "step": 130, "env": 1})
+    rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", tmp_path / "results",
+                                     *FAULT_FLAGS, "--max_env_restarts", "1", "--use_recurrent_policy",
+                                     "--data_chunk_length", "10"])
+    assert rc == 0, out + err
+    # collect calls: iterations 1, 2, 3 (fails at its step 29), 3 again, 4, 5, 6. HalfCheetah
+    # episodes last 1000 steps, so no copy starts an episode at an iteration boundary here.
+    assert len(starts_at_collect) == 7
+    assert starts_at_collect[2] == [False, False] and starts_at_collect[3] == [False, True]
+
+
 def test_env_crash_beyond_max_env_restarts_stops(faulty, capsys, tmp_path):
     faulty.reset_faults({"kind": "raise", "step": 30, "env": 0}, {"kind": "raise", "step": 230, "env": 1})
     results = tmp_path / "results"

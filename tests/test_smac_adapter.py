@@ -250,3 +250,58 @@ def test_missing_starcraft_game(monkeypatch, tmp_path):
     assert "StarCraftII" in str(err.value)
     (tmp_path / "StarCraftII" / "Versions").mkdir(parents=True)
     smac_env.check_task({"map_name": "3m"})  # game found (map list not checkable here)
+
+
+def test_resumed_run_seeds_new_games_from_its_iteration(monkeypatch, tmp_path):
+    """SMAC has no snapshots, so a resumed run starts fresh games seeded env_seed + iteration;
+    the iteration must be the checkpoint's (it was still 0 when the games were re-seeded, so
+    a resume replayed the run's opening seeds)."""
+    import torch
+
+    import envs.smac as smac_module
+    from runners.evaluate import env_seed
+    from runners.runner import Runner
+
+    monkeypatch.setattr(smac_module, "starcraft_env_class", lambda: FakeStarCraft2Env)
+    config = Config(env="smac", map_name="3m", n_rollout_threads=2, episode_length=10, hidden_sizes=[8],
+                    torch_threads=1, tensorboard=False).validate()
+    first = Runner(config, tmp_path, torch.device("cpu"))
+    first.iteration = 7
+    checkpoint = {"config": config.to_dict(), "algorithm": first.algo.state_dict(), **first.resume_point()}
+    first.env.close()
+    first.logger.close()
+    resumed = Runner(config, tmp_path, torch.device("cpu"), checkpoint=checkpoint)
+    try:
+        assert resumed.iteration == 7
+        assert [e.seed for e in resumed.env._envs] == [env_seed(config) + 7, env_seed(config) + 8]
+    finally:
+        resumed.env.close()
+        resumed.logger.close()
+
+
+def test_install_sc2_fails_clearly_and_installs_into_the_project_venv(tmp_path):
+    """install_sc2.sh cannot reach its downloads here, so it is run against sources that
+    fail fast (a missing file URL, a missing pip source): a one-line error each, nothing
+    left behind, and smac goes into the .venv the launch scripts use (not python3's)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "SC2PATH")}
+    dest = tmp_path / "games" / "StarCraftII"
+    proc = subprocess.run(["bash", str(repo / "install_sc2.sh"), str(dest)], capture_output=True, text=True,
+                          env={**env, "SC2_URL": "file:///nonexistent/SC2.4.10.zip"}, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "install_sc2.sh: could not download StarCraft II 4.10 (~4 GB) from file:///nonexistent/SC2.4.10.zip")
+    assert list((tmp_path / "games").iterdir()) == []  # no partial install, no temp files
+    # Game and maps present: only smac is left to install, into the project's .venv.
+    (dest / "Versions").mkdir(parents=True)
+    (dest / "Maps" / "SMAC_Maps").mkdir(parents=True)
+    proc = subprocess.run(["bash", str(repo / "install_sc2.sh"), str(dest)], capture_output=True, text=True,
+                          env={**env, "SMAC_PIP": str(tmp_path / "no-such-smac")}, timeout=300)
+    assert proc.returncode == 1
+    assert f"Installing oxwhirl's smac into {repo / '.venv'}" in proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == \
+        f"install_sc2.sh: pip install {tmp_path / 'no-such-smac'} failed"

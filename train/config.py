@@ -18,6 +18,7 @@ import functools
 import inspect
 import io
 import math
+import os
 import re
 import sys
 import tokenize
@@ -512,10 +513,23 @@ def _file_settings(path: Path, algo: str | None) -> dict[str, Any]:
     return values
 
 
+# The launch scripts (scripts/train_mujoco.sh, scripts/train_smac.sh) set this to their env
+# family: the env of a command whose flags and --config file name none. As an environment
+# variable rather than an --env flag, it does not override a --config file's env.
+DEFAULT_ENV_VARIABLE = "HARL_DEFAULT_ENV"
+
+
+def base_defaults() -> Config:
+    """``Config()`` with the launch script's env, if any (``DEFAULT_ENV_VARIABLE``)."""
+    env = os.environ.get(DEFAULT_ENV_VARIABLE, "").strip()
+    return dataclasses.replace(Config(), env=env) if env else Config()
+
+
 def load_config(argv: list[str], warn_unused: bool = True) -> Config:
     """Resolve the full configuration for a command line, validating everything.
 
-    Precedence: defaults < per-algorithm defaults < task file < --config file < flags. The
+    Precedence: defaults (with the launch script's env, ``base_defaults``) < per-algorithm
+    defaults < task file < --config file < flags. The
     task (env, task flags) and the algorithm that pick the task file and the sections come
     from the flags and the --config file together. ``warn_unused``: a warning line on stderr
     for each flag this configuration does not read (``unused_flags``); a sweep warns once
@@ -523,7 +537,7 @@ def load_config(argv: list[str], warn_unused: bool = True) -> Config:
     flags = parse_flags(argv)
     values: dict[str, Any] = {}
     _apply(values, flags, "command line")
-    defaults = Config()
+    defaults = base_defaults()
     from envs.registry import check_task, check_task_flags, task_name  # env families and their task names
 
     extra: dict[str, Any] = {}

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envs.registry import TASK_FLAGS
-from train.config import REPO_ROOT, ConfigError, load_config, parse_flags, unused_flags
+from train.config import DEFAULT_ENV_VARIABLE, REPO_ROOT, ConfigError, load_config, parse_flags, unused_flags
 
 # Task flags of every env family (envs/registry.py), then algorithm and seed: outermost first.
 ORDER = (*dict.fromkeys(name for names in TASK_FLAGS.values() for name in names), "algo", "seed")
@@ -226,6 +226,8 @@ def plan(argv: list[str]) -> Plan:
         if not os.path.isabs(config.results_dir):  # relative to where the sweep started, as for one run
             config.results_dir = os.path.abspath(config.results_dir)
             child = [*drop_flag(child, "--results_dir", "--results-dir"), "--results_dir", config.results_dir]
+        if os.environ.get(DEFAULT_ENV_VARIABLE) and not has_flag(child, "--env"):
+            child += ["--env", config.env]  # a Ray worker does not inherit the launch script's variable
         child.append("--no-progress")
         run_dir = run_dir_for(config)
         if run_dir in seen:

@@ -215,6 +215,7 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
                                   f"--resume {run_dir} or choose another --exp_name/--seed")
             ensure_writable(run_dir, "--results_dir")
         record = provenance.session_record(argv)  # git runs here, before JAX starts threads
+        from envs.base import EnvError
         from runners.runner import Runner
         from utils.device import resolve_device, set_threads
 
@@ -228,10 +229,14 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
             threads = set_threads(config.torch_threads)
             device = resolve_device(config.device)
             runner = Runner(config, run_dir, device, checkpoint)
-        except ConfigError:
+        except (ConfigError, EnvError) as exc:
             if checkpoint is None:  # rejected while building (e.g. --share_param on unequal agents)
                 remove_empty(new_dirs)  # leave no empty run directory behind
-            raise
+            if isinstance(exc, ConfigError):
+                raise
+            # e.g. StarCraft II that does not launch: nothing was trained or saved
+            print(f"error: the environments failed to start: {exc}", file=sys.stderr)
+            return 1
         startup.hand_over(runner)  # from here a signal stops the run with a checkpoint (Runner.run)
         save_config(config, run_dir / "config.yaml")  # on --resume too: its runtime flags (steps, ...)
         record.update(device=str(device), torch_threads=threads)
