@@ -200,16 +200,12 @@ class WorkerVecEnv(VecEnv):
                     raise EOFError
                 if time.monotonic() > deadline:  # hung: a live process that never answers
                     _kill_with_children(self._procs[w])
-                    raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
-                                   f"{self._seed + first}) did not answer within {self.timeout:g} s "
+                    raise EnvError(f"{self._label(w)} did not answer within {self.timeout:g} s "
                                    "(--env_worker_timeout) and was killed", env_index=first,
                                    seed=self._seed + first)
             status, payload = conn.recv()
         except (EOFError, ConnectionResetError, BrokenPipeError, OSError):
-            code = self._procs[w].exitcode
-            raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
-                           f"{self._seed + first}) died (exit code {code})", env_index=first,
-                           seed=self._seed + first) from None
+            raise self._died(w) from None
         if status == "error":
             index, message, _ = payload
             # The worker exits after reporting: wait for it, so that whatever comes next
@@ -218,8 +214,7 @@ class WorkerVecEnv(VecEnv):
             if self._procs[w].is_alive():
                 _kill_with_children(self._procs[w])
             if index is None:  # the env did not name a copy (e.g. SMAX: all copies share one call)
-                raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
-                               f"{self._seed + first}) failed: {message}", seed=self._seed + first)
+                raise EnvError(f"{self._label(w)} failed: {message}", seed=self._seed + first)
             raise EnvError(f"env {index} in worker {w} (seed {self._seed + index}) failed: {message}",
                            env_index=index, seed=self._seed + index)
         return payload
@@ -238,7 +233,7 @@ class WorkerVecEnv(VecEnv):
         for w in range(self.n_workers):
             try:
                 if w not in sent:
-                    self._receive_dead(w)
+                    raise self._died(w)
                 results[w] = self._receive(w)
             except EnvError as exc:
                 failure = failure or exc
@@ -246,11 +241,15 @@ class WorkerVecEnv(VecEnv):
             raise failure
         return results
 
-    def _receive_dead(self, w: int) -> None:
+    def _label(self, w: int) -> str:
+        """How messages name worker ``w``: its copies and their base seed."""
         first = w * self.n_local
-        raise EnvError(f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed "
-                       f"{self._seed + first}) died (exit code {self._procs[w].exitcode})",
-                       env_index=first, seed=self._seed + first)
+        return f"env worker {w} (copies {first}..{first + self.n_local - 1}, seed {self._seed + first})"
+
+    def _died(self, w: int) -> EnvError:
+        first = w * self.n_local
+        return EnvError(f"{self._label(w)} died (exit code {self._procs[w].exitcode})",
+                        env_index=first, seed=self._seed + first)
 
     def _current(self, completed=None) -> EnvStep:
         a = self._shared.arrays
