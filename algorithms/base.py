@@ -100,8 +100,11 @@ class Rows(NamedTuple):
 
 
 def minibatches(T: int, B: int, num_mini_batch: int, chunk_length: int | None,
-                rng: np.random.Generator):
+                rng: np.random.Generator, device: torch.device | str = "cpu"):
     """Yield ``Rows`` so ``take(x, rows)`` is x's mini-batch [L, b, ...].
+
+    The indices live on ``device``, the buffer's device: ``index_select`` (in ``take``)
+    refuses CPU indices for a CUDA tensor.
 
     Feed-forward (chunk_length None): single samples (L = 1) shuffled over T*B. A single
     mini-batch yields ``None``: use the whole [T, B] batch as it is (no copy).
@@ -111,13 +114,13 @@ def minibatches(T: int, B: int, num_mini_batch: int, chunk_length: int | None,
         if num_mini_batch == 1:
             yield None
             return
-        perm = torch.from_numpy(rng.permutation(T * B))
+        perm = torch.from_numpy(rng.permutation(T * B)).to(device)
         for part in perm.tensor_split(num_mini_batch):
             yield Rows((part // B).unsqueeze(0), part % B, part.unsqueeze(0))
         return
     n_chunks = (T // chunk_length) * B
-    perm = torch.from_numpy(rng.permutation(n_chunks))
-    offsets = torch.arange(chunk_length).unsqueeze(1)
+    perm = torch.from_numpy(rng.permutation(n_chunks)).to(device)
+    offsets = torch.arange(chunk_length, device=device).unsqueeze(1)
     for part in perm.tensor_split(num_mini_batch):
         starts, b_idx = (part // B) * chunk_length, part % B
         t_idx = starts.unsqueeze(0) + offsets
@@ -501,7 +504,8 @@ class OnPolicyMARL:
             T, E = batch.returns.shape
             losses, norms = [], []
             for _ in range(cfg.critic_epoch):
-                for idx in minibatches(T, E, cfg.critic_num_mini_batch, self.chunk_length, self.critic_rng):
+                for idx in minibatches(T, E, cfg.critic_num_mini_batch, self.chunk_length, self.critic_rng,
+                                       self.device):
                     values, _ = critic(take(batch.inputs, idx), first_hidden(batch.hidden, idx),
                                        take(batch.starts, idx))
                     loss = self.value_loss(values, take(batch.old_values, idx), take(targets, idx),

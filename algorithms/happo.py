@@ -47,7 +47,8 @@ class HAPPO(OnPolicyMARL):
         T, B = batch.old_log_probs.shape
         sums: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(cfg.ppo_epoch):
-            for idx in minibatches(T, B, cfg.actor_num_mini_batch, self.chunk_length, self.rng):
+            for idx in minibatches(T, B, cfg.actor_num_mini_batch, self.chunk_length, self.rng,
+                                   self.device):
                 log_probs, entropy, _ = actor.evaluate(
                     take(batch.obs, idx), take(batch.actions, idx), first_hidden(batch.hidden, idx),
                     take(batch.starts, idx), take(batch.avail, idx))

@@ -23,7 +23,12 @@ How SMAC's API maps onto ``envs.base.EnvStep``:
 * Resume: StarCraft II cannot snapshot a running game, so ``get_state()`` returns None
   and ``set_state()`` resets every copy: a resumed SMAC run restarts its episodes.
 * Seeding: copy ``k`` gets ``seed + k`` (the game's random seed, used when it launches);
-  SC2 itself is not bit-reproducible across machines.
+  SC2 itself is not bit-reproducible across machines. A new seed therefore means new
+  games (``reset(seed)`` relaunches every copy). Evaluation envs (``evaluation=True``)
+  keep their games instead: the runner asks for a new seed before every evaluation, and
+  relaunching ``n_eval_rollout_threads`` games one after another each time would cost
+  minutes per evaluation. A SMAC evaluation plays the running games' next episodes, so
+  unlike MaMuJoCo and SMAX, ``--eval_only`` does not replay a run's own evaluations.
 """
 from __future__ import annotations
 
@@ -90,10 +95,12 @@ class SMACVecEnv(VecEnv):
     """
 
     def __init__(self, map_name: str, n_envs: int, seed: int,
-                 env_factory: Callable[..., Any] | None = None, **env_kwargs):
+                 env_factory: Callable[..., Any] | None = None, relaunch_on_new_seed: bool = True,
+                 **env_kwargs):
         self.map_name = map_name
         self.n_envs = int(n_envs)
         self._seed = int(seed)
+        self._relaunch_on_new_seed = relaunch_on_new_seed  # False: reset(seed) keeps the games
         self._factory = env_factory or starcraft_env_class()
         env_kwargs.setdefault("continuing_episode", True)  # so SMAC reports timeouts
         self._env_kwargs = env_kwargs
@@ -143,7 +150,7 @@ class SMACVecEnv(VecEnv):
 
     # -- VecEnv --------------------------------------------------------------------------
     def reset(self, seed: int | None = None) -> EnvStep:
-        if seed is not None and int(seed) != self._seed:
+        if seed is not None and int(seed) != self._seed and self._relaunch_on_new_seed:
             # The seed is given to the game when it launches: rebuild the copies.
             self._seed = int(seed)
             for k, env in enumerate(self._envs):
@@ -228,6 +235,8 @@ class SMACVecEnv(VecEnv):
 
 def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False,
                  render_mode: str | None = None, env_factory=None, **env_kwargs) -> VecEnv:
-    """``env_kwargs`` go to ``StarCraft2Env`` (e.g. ``difficulty``, ``obs_last_action``)."""
+    """``env_kwargs`` go to ``StarCraft2Env`` (e.g. ``difficulty``, ``obs_last_action``).
+
+    Evaluation envs keep their games across ``reset(seed)`` (see the module doc)."""
     return SMACVecEnv(config.map_name, n_envs=n_envs, seed=seed, env_factory=env_factory,
-                      **env_kwargs)
+                      relaunch_on_new_seed=not evaluation, **env_kwargs)

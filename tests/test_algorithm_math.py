@@ -881,6 +881,16 @@ def test_minibatches_yield_exactly_num_mini_batch_parts(T, B, n, L):
     assert len(parts) == n and max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("L", [None, 4])
+def test_minibatch_indices_live_on_the_buffers_device(L):
+    """``take`` uses index_select, which refuses CPU indices for a CUDA tensor: the indices
+    must be made on the buffer's device. No GPU here, so the meta device stands in for it
+    (a CPU-built index would report device cpu)."""
+    rows = next(minibatches(12, 3, 2, L, np.random.default_rng(0), torch.device("meta")))
+    assert {rows.t.device.type, rows.b.device.type, rows.flat.device.type} == {"meta"}
+    assert take(torch.zeros(12, 3, 5, device="meta"), rows).shape == (L or 1, rows.b.shape[0], 5)
+
+
 @pytest.mark.parametrize("recurrent_n", [1, 2])
 def test_gru_trunk_resets_and_chunking(recurrent_n):
     torch.manual_seed(0)

@@ -210,6 +210,21 @@ def test_win_rate_default_metric_and_summary_key(tmp_path):
     assert analysis.default_metric(analysis.discover_runs(tmp_path)) == "eval_return"
 
 
+def test_summary_of_a_run_resumed_to_train_further_is_not_its_final_value(tmp_path):
+    """A run resumed with a larger --num_env_steps keeps its old summary.json until it
+    finishes again: while it trains (or after it stopped early) metrics.csv is newer."""
+    summary = {"env_steps": 200, "eval_return_mean": 2.0}
+    make_run(tmp_path, "mamujoco", "HalfCheetah-2x3", "happo", 1, [100, 200, 300, 400],
+             [1.0, 2.0, 3.0, 4.0], summary=summary)
+    make_run(tmp_path, "mamujoco", "HalfCheetah-2x3", "happo", 2, [100, 200], [1.0, 2.5],
+             summary={**summary, "eval_return_mean": 2.5})
+    extended, finished = analysis.discover_runs(tmp_path)
+    assert extended.summary is None and finished.summary is not None
+    assert analysis.final_value(extended, "eval_return") == 4.0
+    assert analysis.final_env_steps(extended) == 400.0
+    assert analysis.final_value(finished, "eval_return") == 2.5
+
+
 def test_different_exp_names_are_not_averaged(tmp_path):
     linear_seed(tmp_path, 1, 0.0, 0, 100, 50, exp_name="a")
     linear_seed(tmp_path, 1, 5.0, 0, 100, 50, exp_name="b")

@@ -65,6 +65,20 @@ def test_mamujoco_gif_resized_through_the_script(mujoco_run, tmp_path):
     assert f"wrote {out}" in proc.stdout and "episode 1: return" in proc.stdout
 
 
+def test_default_output_beside_the_run_or_the_checkpoint_file(tmp_path):
+    """A copied checkpoint (/x/ck/run1.pt) gets /x/ck/run1.mp4, not a video in /x."""
+    from train.render import default_output
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.pt").touch()
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "run1.pt").touch()
+    assert default_output(run) == run / "video.mp4"
+    assert default_output(run / "checkpoints" / "last.pt") == run / "video.mp4"
+    assert default_output(tmp_path / "ck" / "run1.pt") == tmp_path / "ck" / "run1.mp4"
+
+
 def test_bad_input_is_one_line(mujoco_run, tmp_path, capsys):
     cases = [([str(tmp_path / "nowhere")], "no such run directory"),
              ([str(tmp_path)], "no checkpoint at"),

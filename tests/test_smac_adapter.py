@@ -210,6 +210,19 @@ def test_reset_with_new_seed_rebuilds_and_restart():
     assert env._envs[1].seed == 10 + 7919 + 1
 
 
+def test_evaluation_envs_keep_their_games_across_evaluations():
+    """The runner passes a new seed before every evaluation; relaunching every evaluation
+    game each time costs ~10 s per copy on StarCraft II, so evaluation envs keep theirs."""
+    config = Config(env="smac", map_name="3m")
+    env = registry.make_vec_env(config, n_envs=2, seed=3, evaluation=True, env_factory=FakeStarCraft2Env)
+    games = list(env._envs)
+    env.reset(seed=3)
+    env.reset(seed=12345)
+    assert env._envs == games and not any(e.closed for e in games)
+    assert [e.episode for e in games] == [1, 1]  # each evaluation still starts new episodes
+    env.close()
+
+
 def test_registry_builds_with_factory_hook():
     config = Config(env="smac", map_name="3m")
     env = registry.make_vec_env(config, n_envs=2, seed=3, env_factory=FakeStarCraft2Env)

@@ -4,7 +4,8 @@
 Loads ``<run dir>/checkpoints/last.pt`` (a checkpoint file works too), rebuilds the task
 with one rendering environment, plays ``--episodes`` deterministic episodes (the policy's
 greedy actions, as in evaluation) and writes the frames to ``--out`` (default
-``<run dir>/video.mp4``): MP4 via imageio-ffmpeg or GIF, chosen by the extension. Prints
+``<run dir>/video.mp4``; for a checkpoint file outside a run's ``checkpoints/`` folder,
+the file's name with ``.mp4``): MP4 via imageio-ffmpeg or GIF, chosen by the extension. Prints
 each episode's return and the output path.
 
 ``--max_steps N`` cuts every episode after N steps (MaMuJoCo episodes last 1000 steps);
@@ -62,8 +63,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def output_path(args: argparse.Namespace, run_dir: Path) -> Path:
-    out = Path(args.out) if args.out else run_dir / "video.mp4"
+def default_output(source: Path) -> Path:
+    """<run>/video.mp4 for a run directory or its <run>/checkpoints/*.pt; else <file>.mp4
+    (a copied checkpoint's grandparent is no run of its own)."""
+    if source.is_dir():
+        return source / "video.mp4"
+    if source.parent.name == "checkpoints":
+        return source.parent.parent / "video.mp4"
+    return source.with_suffix(".mp4")
+
+
+def output_path(args: argparse.Namespace, source: Path) -> Path:
+    out = Path(args.out) if args.out else default_output(source)
     if out.suffix.lower() not in FORMATS:
         raise ConfigError(f"--out {out}: the extension must be .mp4 or .gif")
     if out.is_dir():
@@ -257,8 +268,7 @@ def render(argv: list[str]) -> int:
         checkpoint = load_checkpoint(source)
     except CheckpointError as exc:
         raise ConfigError(f"{source}: {exc}") from None
-    run_dir = source if source.is_dir() else source.parent.parent  # <run>/checkpoints/last.pt
-    out = output_path(args, run_dir)
+    out = output_path(args, source)
     config = config_from_dict(checkpoint["config"], f"{source} (saved config)")
     set_threads(config.torch_threads)
     device = resolve_device(args.device)

@@ -51,7 +51,9 @@ class Run:
     """One training run: its identity and its logged data.
 
     ``metrics`` is the raw ``metrics.csv`` as a DataFrame (rows = log intervals, blank
-    cells = NaN); ``summary`` is ``summary.json`` or ``None`` for an unfinished run.
+    cells = NaN); ``summary`` is ``summary.json`` or ``None`` for an unfinished run,
+    including one resumed with a larger ``--num_env_steps`` that has logged past its old
+    summary.json (still running, or stopped before writing the new one).
     """
 
     path: Path
@@ -152,8 +154,19 @@ def load_run(run_dir: Path, root: Path) -> Run:
         metrics = pd.DataFrame()
     config = _read_yaml(run_dir / "config.yaml")
     summary = _read_json(run_dir / "summary.json")
-    return Run(path=run_dir, metrics=metrics, summary=summary, config=config,
+    current = summary if _summary_is_current(summary, metrics) else None
+    return Run(path=run_dir, metrics=metrics, summary=current, config=config,
                revisions=_revisions(run_dir), **_identity(run_dir, root, config, summary))
+
+
+def _summary_is_current(summary: dict[str, Any] | None, metrics: pd.DataFrame) -> bool:
+    """False when metrics.csv goes past summary.json's ``env_steps``: the run was resumed
+    to train further, and its summary describes the earlier, shorter run."""
+    if summary is None or "env_steps" not in metrics.columns:
+        return summary is not None
+    done = summary.get("env_steps")
+    logged = _numeric(metrics["env_steps"]).max()
+    return not (isinstance(done, (int, float)) and math.isfinite(logged) and logged > done)
 
 
 def _revisions(run_dir: Path) -> list[tuple[str, str]]:
