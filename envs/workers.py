@@ -314,6 +314,6 @@ class WorkerVecEnv(VecEnv):
             except (BrokenPipeError, EOFError, OSError):
                 pass
             proc.join(timeout=5.0)
-            if proc.is_alive():
-                proc.kill()
+            if proc.is_alive():  # hung: its simulator's own processes must not outlive it
+                _kill_with_children(proc)
         self._shared.close(unlink=True)

@@ -171,6 +171,26 @@ def test_a_killed_worker_takes_its_own_processes_with_it(tmp_path):
         assert grandchild.status() == psutil.STATUS_ZOMBIE
 
 
+def test_close_kills_a_hung_worker_with_its_own_processes(monkeypatch):
+    """A worker that does not answer "close" is killed together with the processes it
+    started (a StarCraft II game would otherwise outlive the run)."""
+    import os
+    import signal
+
+    from envs import workers
+    from envs.registry import make_vec_env
+
+    killed = []
+    real = workers._kill_with_children
+    monkeypatch.setattr(workers, "_kill_with_children", lambda proc: (killed.append(proc), real(proc)))
+    env = make_vec_env(Config(n_rollout_threads=4, n_env_workers=2), 4, seed=1)
+    env.reset(1)
+    hung = env._procs[1]
+    os.kill(hung.pid, signal.SIGSTOP)
+    env.close()
+    assert killed == [hung] and not hung.is_alive() and not env._procs[0].is_alive()
+
+
 def test_metrics_row_summarises_every_update_of_its_window(tmp_path):
     """A row logged every 2 updates equals the per-update rows reduced: means for most
     diagnostics, the extreme for *_max / *_min (HATRPO's kl_max bounds every accepted step)."""
