@@ -90,6 +90,25 @@ def test_a_family_the_analysis_does_not_know_takes_its_task_from_summary_or_path
     assert run.task == "match2"
 
 
+def test_task_from_config_is_the_registrys_name(tmp_path):
+    """Outside the <env>/<task>/... layout and before summary.json exists, the task comes from
+    config.yaml, spelt as the trainers spell it (envs.registry): Humanoid's agent_conf 9|8
+    is the folder name Humanoid-9_8, so the run and its finished seeds share one table row."""
+    run_dir = tmp_path / "x" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.csv").write_text("env_steps,eval_return\n10,0.5\n")
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(
+        {"algo": "happo", "env": "mamujoco", "scenario": "Humanoid", "agent_conf": "9|8",
+         "map_name": "3m", "exp_name": "e", "seed": 1}))
+    (run,) = analysis.discover_runs(run_dir)
+    assert (run.env, run.task) == ("mamujoco", "Humanoid-9_8")
+
+
+def test_win_rate_is_the_default_metric_of_any_family_that_logs_one(tmp_path):
+    make_run(tmp_path, "toy", "match2", "happo", 1, [0, 100], [1.0, 2.0], win_rate=[0.0, 0.5])
+    assert analysis.default_metric(analysis.discover_runs(tmp_path)) == "eval_win_rate"
+
+
 def test_metric_curve_skips_blanks_sorts_and_dedupes(tmp_path):
     make_run(tmp_path, "mamujoco", "Hopper-3x1", "ippo", 1, [20, 0, 10, 30, 20],
              [4.0, 1.0, 2.0, None, 5.0])

@@ -30,7 +30,6 @@ import pandas as pd
 
 from utils import provenance
 
-SMAC_LIKE = ("smac", "smax")
 # metric name -> key in summary.json holding its final value (other metrics: same name)
 SUMMARY_KEYS = {"eval_return": "eval_return_mean", "eval_win_rate": "eval_win_rate"}
 # fixed colour per known algorithm, so a given algorithm looks the same in every figure
@@ -68,8 +67,9 @@ class Run:
     revisions: list[tuple[str, str]] = field(default_factory=list)  # (code identity, label) per session
 
     @property
-    def is_smac_like(self) -> bool:
-        return self.env.lower() in SMAC_LIKE
+    def logs_win_rate(self) -> bool:
+        """The env reports a win rate per episode (SMAC, SMAX): metrics.csv has its column."""
+        return any(c in self.metrics.columns for c in ("eval_win_rate", "train_win_rate"))
 
 
 # --------------------------------------------------------------------------- discovery
@@ -98,14 +98,16 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _task_from_config(config: dict[str, Any]) -> str | None:
-    """Task name as the trainers spell it: ``<scenario>-<agent_conf>`` or ``<map_name>``."""
-    env = str(config.get("env", "")).lower()
-    if env in SMAC_LIKE and config.get("map_name") is not None:
-        return str(config["map_name"])
-    if env == "mamujoco" and config.get("scenario") is not None:
-        conf = config.get("agent_conf")
-        return f"{config['scenario']}-{conf}" if conf is not None else str(config["scenario"])
-    return None
+    """Task name as the trainers spell it (``envs.registry.task_name``, e.g.
+    ``Humanoid-9_8`` or ``3m``) for a family the registry knows; ``None`` otherwise."""
+    from envs import registry
+
+    if config.get("env") not in registry.FAMILIES:
+        return None
+    try:
+        return registry.task_name(config)
+    except (KeyError, TypeError, ValueError):  # an old or hand-written config.yaml
+        return None
 
 
 def _identity(run_dir: Path, root: Path, config: dict[str, Any],
@@ -238,8 +240,8 @@ def describe_columns(cols: list[str]) -> str:
 
 
 def default_metric(runs: list[Run]) -> str:
-    """``eval_win_rate`` when every run is SMAC/SMAX, else ``eval_return``."""
-    return "eval_win_rate" if runs and all(r.is_smac_like for r in runs) else "eval_return"
+    """``eval_win_rate`` when every run logs a win rate (SMAC, SMAX), else ``eval_return``."""
+    return "eval_win_rate" if runs and all(r.logs_win_rate for r in runs) else "eval_return"
 
 
 def train_counterpart(runs: list[Run], metric: str) -> str | None:
