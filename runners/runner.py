@@ -254,13 +254,33 @@ class Runner:
 
     # -- evaluation / logging -------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        if self.eval_env is None:
-            self.eval_env = make_vec_env(self.config, n_envs=min(self.config.n_eval_rollout_threads,
-                                                                 self.config.eval_episodes),
-                                         seed=eval_seed(self.config), evaluation=True)
-        result = evaluate(self.algo, self.eval_env, self.config.eval_episodes,
-                          seed=eval_seed(self.config, self.iteration))
-        return {**result, "env_steps": self.env_steps}  # when: summary.json's eval_env_steps
+        """Greedy evaluation of the current policies. A failing evaluation env is rebuilt and
+        the evaluation played again, within --max_env_restarts (its seeds are fixed, so it
+        plays the same episodes); past that an EnvError naming the evaluation env is raised."""
+        cfg = self.config
+        while True:
+            try:
+                if self.eval_env is None:
+                    self.eval_env = make_vec_env(cfg, n_envs=min(cfg.n_eval_rollout_threads, cfg.eval_episodes),
+                                                 seed=eval_seed(cfg), evaluation=True)
+                result = evaluate(self.algo, self.eval_env, cfg.eval_episodes, seed=eval_seed(cfg, self.iteration))
+                return {**result, "env_steps": self.env_steps}  # when: summary.json's eval_env_steps
+            except EnvError as exc:
+                self._close_eval_env()
+                if self.env_restarts >= cfg.max_env_restarts:
+                    raise EnvError(f"evaluation env: {exc}; no env restarts left "
+                                   f"(--max_env_restarts {cfg.max_env_restarts})") from exc
+                self.env_restarts += 1
+                print(f"warning: evaluation env: {exc}; rebuilding the evaluation envs "
+                      f"({self.env_restarts}/{cfg.max_env_restarts}) and evaluating again", flush=True)
+
+    def _close_eval_env(self) -> None:
+        env, self.eval_env = self.eval_env, None
+        if env is not None:
+            try:
+                env.close()
+            except Exception:  # noqa: BLE001 (it already failed; a new one is built)
+                pass
 
     def _train_episode_stats(self) -> dict[str, float]:
         if not self.recent_episodes:
@@ -362,7 +382,13 @@ class Runner:
                 eval_result = None
                 if cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last):
                     eval_start = time.time()
-                    eval_result = self.last_eval = self.evaluate()
+                    try:
+                        eval_result = self.last_eval = self.evaluate()
+                    except EnvError as exc:  # keep this iteration's update: save it, then stop
+                        path = self.save(self.resume_point())
+                        print(f"error: {exc}; checkpoint at {self.env_steps} env steps saved to {path}",
+                              flush=True)
+                        return 1
                     window_start += time.time() - eval_start  # sps is training throughput
                 if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
                     now = time.time()

@@ -17,7 +17,7 @@ subprocesses). Each fault is a dict:
            process for the training env: ``set_state`` does not rewind it)
     env    the copy (default 0); agent (default 0) for nan_obs
     times  how many times it may fire in this process (default 1)
-    eval   also inject into evaluation envs (default False)
+    eval   also inject into evaluation envs (default False); "only": into them alone
 
 Every fault that fired is appended to ``FIRED`` (a copy of the fault plus ``"at"``).
 """
@@ -34,6 +34,7 @@ from envs.base import EnvStep, VecEnv
 
 FAULTS: list[dict[str, Any]] = []
 FIRED: list[dict[str, Any]] = []
+FIRED_COUNTS: dict[int, int] = {}  # fault index -> times fired in this process (all instances)
 KINDS = ("raise", "nan_obs", "nan_reward", "nan_state")
 
 
@@ -49,6 +50,7 @@ def reset_faults(*faults: dict[str, Any]) -> None:
     """Replace the configured faults (and forget which fired)."""
     FAULTS[:] = [dict(f) for f in faults]
     FIRED.clear()
+    FIRED_COUNTS.clear()
     for f in FAULTS:
         if f.get("kind") not in KINDS:
             raise ValueError(f"fault kind must be one of {KINDS}; got {f.get('kind')!r}")
@@ -82,16 +84,17 @@ class FaultyVecEnv(VecEnv):
         self.inner, self.evaluation = inner, evaluation
         self.spec, self.n_envs = inner.spec, inner.n_envs
         self.steps = 0  # step() calls on this instance
-        self._fired: dict[int, int] = {}
 
     def _due(self) -> list[tuple[int, dict[str, Any]]]:
         due = []
         for n, fault in enumerate(_configured()):
             if self.evaluation and not fault.get("eval", False):
                 continue
-            if int(fault["step"]) != self.steps or self._fired.get(n, 0) >= int(fault.get("times", 1)):
+            if not self.evaluation and fault.get("eval") == "only":
                 continue
-            self._fired[n] = self._fired.get(n, 0) + 1
+            if int(fault["step"]) != self.steps or FIRED_COUNTS.get(n, 0) >= int(fault.get("times", 1)):
+                continue
+            FIRED_COUNTS[n] = FIRED_COUNTS.get(n, 0) + 1
             FIRED.append({**fault, "at": self.steps})
             due.append((n, fault))
         return due

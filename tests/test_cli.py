@@ -9,6 +9,7 @@ the checks that need an existing run directory.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -253,8 +254,10 @@ def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run, 
     (["--data_chunk_length", "5"], ["--data_chunk_length has no effect", "--use_recurrent_policy"]),
     (["--wandb_project", "x"], ["--wandb_project has no effect", "--wandb"]),
     (["--no-use_huber_loss", "--huber_delta", "3"], ["--huber_delta has no effect"]),
+    (["--algo", "hatrpo", "--no-use_clipped_value_loss", "--clip_param", "0.1"],
+     ["--clip_param has no effect", "--use_clipped_value_loss"]),
 ], ids=["hatrpo-lr", "hatrpo-epochs", "happo-kl", "chunks-without-gru", "project-without-wandb",
-        "delta-without-huber"])
+        "delta-without-huber", "hatrpo-clip-without-value-clip"])
 def test_a_flag_the_run_does_not_read_gets_a_warning(tmp_path, capsys, argv, needles):
     rc, out, err = run_main(capsys, [*TINY, "--num_env_steps", "100", *argv, "--results_dir", str(tmp_path / "r")])
     assert rc == 0, err
@@ -266,6 +269,15 @@ def test_a_flag_the_run_does_not_read_gets_a_warning(tmp_path, capsys, argv, nee
     assert load_config(["--algo", "hatrpo", "--config", str(path)]).lr == 0.1
     assert load_config(["--algo", "happo", "--config", str(path)]).kl_threshold == 0.1
     assert "warning" not in capsys.readouterr().err
+
+
+def test_evaluation_flags_without_evaluation_get_a_warning(tmp_path, capsys):
+    rc, out, err = run_main(capsys, [*TINY, "--num_env_steps", "100", "--no-use_eval", "--eval_interval", "3",
+                                     "--results_dir", str(tmp_path / "r")])
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning: ")]
+    assert [w.split()[1] for w in warnings] == ["--eval_episodes", "--n_eval_rollout_threads", "--eval_interval"]
+    assert all("has no effect" in w and "--use_eval" in w for w in warnings), err
 
 
 def test_names_listed_twice_agree():
@@ -419,6 +431,20 @@ def test_resume_cannot_change_the_env_workers(finished_run, capsys):
                                      "--num_env_steps", "200"])
     assert_usage_error(rc, err, "--n_env_workers cannot change when resuming (the run used 1)")
     assert snapshot(finished_run) == before
+
+
+def test_resume_keeps_the_runs_results_dir(finished_run, tmp_path, capsys):
+    """--results_dir does not move a resumed run: a warning says so, and config.yaml keeps the
+    directory the run was made in (it used to record the ignored one)."""
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    made_in = yaml.safe_load((run / "config.yaml").read_text())["results_dir"]
+    elsewhere = tmp_path / "elsewhere"
+    rc, out, err = run_main(capsys, ["--resume", str(run), "--num_env_steps", "200", "--results_dir", str(elsewhere)])
+    assert rc == 0, err
+    assert "warning: --results_dir has no effect with --resume" in err and str(run) in err
+    assert yaml.safe_load((run / "config.yaml").read_text())["results_dir"] == made_in
+    assert not elsewhere.exists()
 
 
 def test_resume_with_garbage_checkpoint(tmp_path, capsys):

@@ -100,3 +100,18 @@ def test_auto_threads_follow_the_other_runs(tmp_path, monkeypatch, sleeper):
     finally:
         device.release_cores()
         torch.set_num_threads(before)
+
+
+def test_a_cuda_device_the_machine_lacks_is_one_line(monkeypatch):
+    """cuda:N past the machine's devices failed deep inside torch at the first tensor moved
+    there; a misspelling such as cudaX failed in torch.device. Both are a ConfigError now
+    (a GPU machine is stood in for: CUDA available, one device)."""
+    from train.config import Config, ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert device.resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=r"--device cuda:1: this machine has 1 CUDA device\(s\), cuda:0..cuda:0"):
+        device.resolve_device("cuda:1")
+    with pytest.raises(ConfigError, match="--device must be auto, cpu or cuda"):
+        Config(device="cudaX").validate()

@@ -401,7 +401,9 @@ def test_envs_that_fail_to_start_give_one_line_and_leave_no_run_directory(faulty
     results = tmp_path / "results"
     rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", results, *FAULT_FLAGS])
     assert rc == 1 and "Traceback" not in out + err
-    assert err.strip() == "error: the environments failed to start: StarCraft II did not launch (stand-in)"
+    # (TINY's evaluation flags get their no-effect warnings under FAULT_FLAGS' --no-use_eval)
+    assert [line for line in err.splitlines() if not line.startswith("warning: ")] == [
+        "error: the environments failed to start: StarCraft II did not launch (stand-in)"]
     assert not results.exists() or list(results.iterdir()) == []
 
 
@@ -425,6 +427,47 @@ def test_a_restarted_copy_starts_its_recurrent_state_over(faulty, capsys, tmp_pa
     # episodes last 1000 steps, so no copy starts an episode at an iteration boundary here.
     assert len(starts_at_collect) == 7
     assert starts_at_collect[2] == [False, False] and starts_at_collect[3] == [False, True]
+
+
+EVAL_FAULT_FLAGS = ["--num_env_steps", "400", "--save_interval", "10", "--eval_interval", "2"]
+
+
+def test_a_failing_evaluation_env_is_rebuilt_within_max_env_restarts(faulty, capsys, tmp_path, tmp_path_factory):
+    """The evaluation env's copy raises during the first evaluation (iteration 2): it is
+    rebuilt and the evaluation replayed, so the run ends as one that never failed."""
+    faulty.reset_faults({"kind": "raise", "step": 5, "eval": "only"})
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", results, *EVAL_FAULT_FLAGS,
+                                     "--max_env_restarts", "1"])
+    assert rc == 0, out + err
+    assert [f["at"] for f in faulty.FIRED] == [5]
+    warning = [line for line in out.splitlines() if line.startswith("warning: ")]
+    assert len(warning) == 1 and "evaluation env" in warning[0] and "(1/1)" in warning[0], out
+    run = run_dir(results, env="faulty")
+    assert json.loads((run / "summary.json").read_text())["env_restarts"] == 1
+    reference = reference_rows(tmp_path_factory, "--env", "faulty", *EVAL_FAULT_FLAGS)
+    learned = [{k: v for k, v in r.items() if k != "env_restarts"} for r in read_rows(run)]
+    assert_same_learning(learned, [{k: v for k, v in r.items() if k != "env_restarts"} for r in reference])
+
+
+def test_a_failing_evaluation_env_without_restarts_saves_the_update_and_stops(faulty, saves, capsys, tmp_path):
+    """Without restarts left the run stops with one line naming the evaluation env, and
+    the iteration just trained is saved (it used to stop without saving, losing it)."""
+    faulty.reset_faults({"kind": "raise", "step": 5, "eval": "only"})
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*TINY, "--env", "faulty", "--results_dir", results, *EVAL_FAULT_FLAGS,
+                                     "--max_env_restarts", "0"])
+    assert rc == 1 and "Traceback" not in out + err, out + err
+    line = error_line(out)
+    for needle in ("evaluation env", "injected simulator crash", "--max_env_restarts 0",
+                   "checkpoint at 200 env steps saved"):
+        assert needle in line, (needle, line)
+    run = run_dir(results, env="faulty")
+    assert load_checkpoint(run)["counters"]["iteration"] == 2
+    faulty.reset_faults()
+    rc, out, err = run_main(capsys, ["--resume", run])
+    assert rc == 0, out + err
+    assert steps_of(read_rows(run))[-1] == 400
 
 
 def test_env_crash_beyond_max_env_restarts_stops(faulty, capsys, tmp_path):
@@ -780,6 +823,59 @@ def test_death_before_the_first_checkpoint_can_be_recovered(monkeypatch, capsys,
     rc_fresh, out, err_fresh = run_main(capsys, flags)
     rc_resume, out, err_resume = (None, "", "") if rc_fresh == 0 else run_main(capsys, ["--resume", run])
     assert rc_fresh == 0 or rc_resume == 0, f"fresh start: {err_fresh.strip()} | --resume: {err_resume.strip()}"
+
+
+def test_resume_of_a_run_whose_checkpoint_was_removed_refuses_and_keeps_its_metrics(capsys, tmp_path):
+    """A run without checkpoints/last.pt is started over only when it may have died before its
+    first checkpoint: one whose metrics.csv passed --save_interval (or that has a summary.json)
+    did save one, and starting over would throw its metrics away."""
+    results = tmp_path / "results"
+    rc, out, err = run_main(capsys, [*TINY, "--results_dir", results, "--num_env_steps", "400",
+                                     "--save_interval", "2", "--no-use_eval"])
+    assert rc == 0, out + err
+    run = run_dir(results)
+    before = sha256(run / "metrics.csv")
+    (run / "checkpoints" / "last.pt").unlink()
+    for remove_summary in (False, True):
+        if remove_summary:
+            (run / "summary.json").unlink()
+        rc, out, err = run_main(capsys, ["--resume", run, "--num_env_steps", "800"])
+        assert rc == 2, out + err
+        assert len(err.strip().splitlines()) == 1 and "checkpoints/last.pt is missing" in err, err
+        assert ("summary.json" if not remove_summary else "metrics.csv reaches iteration 4") in err, err
+        assert sha256(run / "metrics.csv") == before
+
+
+def test_a_summary_of_an_earlier_session_is_not_taken_for_the_runs_end(capsys, tmp_path, monkeypatch):
+    """A run finished at 200 steps, resumed to 400, and killed after its last checkpoint but
+    before writing summary.json: the old summary (200 steps) must not make --resume say
+    'nothing to do'. It is removed when the resumed session starts, and the next --resume
+    writes the summary of 400 steps."""
+    results = tmp_path / "results"
+    flags = [*TINY, "--results_dir", results, "--save_interval", "1", "--no-use_eval"]
+    rc, out, err = run_main(capsys, [*flags, "--num_env_steps", "200"])
+    assert rc == 0, out + err
+    run = run_dir(results)
+    assert json.loads((run / "summary.json").read_text())["env_steps"] == 200
+
+    class Died(Exception):
+        pass
+
+    def die(self):
+        raise Died  # as a kill -9 right after the final checkpoint
+    monkeypatch.setattr(runners.runner.Runner, "write_summary", die)
+    with pytest.raises(Died):
+        main([str(f) for f in ["--resume", run, "--num_env_steps", "400"]])
+    monkeypatch.undo()
+    assert load_checkpoint(run)["counters"]["env_steps"] == 400
+    assert not (run / "summary.json").exists()  # the 200-step summary went when training resumed
+
+    (run / "summary.json").write_text(json.dumps({"env_steps": 200}))  # as left by older code
+    rc, out, err = run_main(capsys, ["--resume", run, "--num_env_steps", "400"])
+    assert rc == 0 and "nothing to do" not in out, out + err
+    assert json.loads((run / "summary.json").read_text())["env_steps"] == 400
+    rc, out, err = run_main(capsys, ["--resume", run, "--num_env_steps", "400"])
+    assert rc == 0 and "nothing to do" in out, out + err
 
 
 def test_starting_over_without_a_checkpoint_drops_the_old_tensorboard_events(monkeypatch, capsys, tmp_path):

@@ -168,7 +168,7 @@ class Config:
             raise ConfigError(f"--hidden_sizes must be positive integers; got {self.hidden_sizes}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"--activation must be relu or tanh; got {self.activation!r}")
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+        if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N]; got {self.device!r}")
         per_iteration = self.n_rollout_threads * self.episode_length
         if self.num_env_steps < per_iteration:
@@ -597,6 +597,11 @@ def unused_flags(config: Config, given: Any) -> dict[str, str]:
             for name in ("recurrent_n", "data_chunk_length")} if not config.use_recurrent_policy else {}),
         **({"wandb_project": "it applies with --wandb"} if not config.wandb else {}),
         **({"huber_delta": "it applies with --use_huber_loss"} if not config.use_huber_loss else {}),
+        **({name: "it applies with --use_eval" for name in ("eval_interval", "eval_episodes",
+                                                            "n_eval_rollout_threads")}
+           if not config.use_eval else {}),
+        **({"clip_param": "--algo hatrpo reads it only as the value clip of --use_clipped_value_loss"}
+           if not ppo and not config.use_clipped_value_loss else {}),
     }
     return {name: reasons[name] for name in given if name in reasons}
 

@@ -6,6 +6,7 @@ Bad input exits with status 2 and one line on stderr; nothing already saved is t
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -59,6 +60,11 @@ def resume_config(flags: dict) -> tuple[Config, dict]:
     if not checkpoint_path(run_dir).exists() and (run_dir / "config.yaml").exists():
         # Stopped before its first checkpoint: nothing was kept, start it again from its config.
         saved = config_from_dict(read_yaml(run_dir / "config.yaml"), f"{run_dir}/config.yaml")
+        lost = saved_checkpoint_evidence(run_dir, saved)
+        if lost:  # starting over would wipe metrics.csv of a run that did have a checkpoint
+            raise ConfigError(f"--resume {run_dir}: {checkpoint_path(run_dir).relative_to(run_dir)} is missing, "
+                              f"but {lost}, so the run had saved one; nothing was changed (restore the "
+                              "checkpoint, or train a new run with another --exp_name or --seed)")
     else:
         try:
             checkpoint = load_checkpoint(run_dir)
@@ -69,12 +75,43 @@ def resume_config(flags: dict) -> tuple[Config, dict]:
     for key, value in config_from_dict({k: v for k, v in flags.items()}, "command line").to_dict().items():
         if key not in flags:
             continue
-        if key in RUNTIME_FIELDS:
+        if key == "results_dir":  # the run stays where it is; config.yaml keeps where it was made
+            if Path(value).resolve() != Path(saved.results_dir).resolve():
+                print(f"warning: --results_dir has no effect with --resume: the run continues in {run_dir}",
+                      file=sys.stderr, flush=True)
+        elif key in RUNTIME_FIELDS:
             overrides[key] = value
         elif value != getattr(saved, key):
             raise ConfigError(f"--{key} cannot change when resuming (the run used {getattr(saved, key)!r})")
     overrides["resume"] = str(run_dir)
     return dataclasses.replace(saved, **overrides).validate(), checkpoint
+
+
+def saved_checkpoint_evidence(run_dir: Path, config: Config) -> str | None:
+    """Why a run without ``checkpoints/last.pt`` must once have had one, or None if it may
+    have died before its first: then --resume starts it over and drops its metrics rows.
+    The runner saves at the end (before summary.json) and after every ``--save_interval``-th
+    iteration's row, so a row past that iteration comes after a completed save."""
+    if (run_dir / "summary.json").exists():
+        return "it has a summary.json"
+    try:
+        with open(run_dir / "metrics.csv", newline="") as fh:
+            iterations = [int(row["iteration"]) for row in csv.DictReader(fh) if row.get("iteration")]
+    except (OSError, ValueError, KeyError):
+        return None
+    if iterations and max(iterations) > config.save_interval:
+        return (f"metrics.csv reaches iteration {max(iterations)} "
+                f"(a checkpoint is saved every --save_interval {config.save_interval})")
+    return None
+
+
+def summary_env_steps(run_dir: Path) -> int | None:
+    """``env_steps`` of the run's summary.json, None if absent or unreadable."""
+    try:
+        steps = json.loads((run_dir / "summary.json").read_text()).get("env_steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
 
 
 # What --eval_only takes from the command line; everything else is the run's own config.
@@ -191,8 +228,9 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
             config, checkpoint = resume_config(flags)
             run_dir = Path(config.resume)
             done = checkpoint["counters"]["env_steps"] if checkpoint else 0
-            # Without summary.json it stopped after its last checkpoint: the runner writes it.
-            if done >= config.num_env_steps and (run_dir / "summary.json").exists():
+            # Without a summary.json of these steps it stopped after its last checkpoint (or
+            # after a session that trained it further died): the runner writes it.
+            if done >= config.num_env_steps and summary_env_steps(run_dir) == done:
                 print(f"{run_dir} is already at {done} env steps (--num_env_steps {config.num_env_steps}); "
                       "nothing to do: raise --num_env_steps to train on", flush=True)
                 return 0
@@ -238,6 +276,10 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
             print(f"error: the environments failed to start: {exc}", file=sys.stderr)
             return 1
         startup.hand_over(runner)  # from here a signal stops the run with a checkpoint (Runner.run)
+        if runner.env_steps < config.num_env_steps or summary_env_steps(run_dir) != runner.env_steps:
+            # A resumed run's summary.json of an earlier, shorter session no longer describes
+            # the run once it trains on: the runner writes the new one when it finishes.
+            (run_dir / "summary.json").unlink(missing_ok=True)
         save_config(config, run_dir / "config.yaml")  # on --resume too: its runtime flags (steps, ...)
         record.update(device=str(device), torch_threads=threads)
         code_note = provenance.code_change_note(provenance.read_sessions(run_dir), record)
