@@ -85,9 +85,10 @@ def _worker(make_env: Callable[[int, int], VecEnv], n_local: int, first: int, se
     """Worker loop: build ``n_local`` copies, answer commands until told to close."""
     env = None
     shared = None
-    # Ctrl-C reaches the whole process group: the parent decides (it checkpoints and then
-    # closes the workers), so a worker must not die of it mid-step.
+    # Ctrl-C and a terminal's hangup reach the whole process group: the parent decides (it
+    # checkpoints and then closes the workers), so a worker must not die of them mid-step.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         env = make_env(n_local, seed)
         shared = _Shared(_fields(env.spec), n_envs, shm_names)

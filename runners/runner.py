@@ -24,6 +24,7 @@ from algorithms.base import NumericalError
 from envs.base import EnvError, EnvStep
 from envs.registry import make_vec_env, task_name
 from runners.evaluate import env_seed, eval_seed, evaluate
+from train.config import STOP_SIGNALS
 from utils.buffer import RolloutBuffer
 from utils.checkpoint import CheckpointError, atomic_write_bytes, save_checkpoint
 from utils.device import rebalance_threads, release_cores
@@ -334,7 +335,7 @@ class Runner:
     def run(self) -> int:
         cfg = self.config
         self._session_start = time.time()
-        previous = {s: signal.signal(s, self.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
         window_start, window_steps = time.time(), self.env_steps
         try:
             if self.stop_signal is not None:  # received while starting up (train.train.StartupSignals)

@@ -3,7 +3,7 @@
 # transitive package is pinned to what that install resolved. Run it after changing
 # requirements.txt, then run the tests (bash scripts/test.sh rebuilds .venv from both).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 base="${HARL_PYTHON:-$(command -v python3.11 || command -v python3)}"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT

@@ -5,7 +5,7 @@
 # Runs `python -m train.plot "$@"` with the repository's virtual environment.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+REPO="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 PY="$REPO/.venv/bin/python"
 if [[ ! -x "$PY" ]]; then
     echo "plot.sh: no virtual environment at $REPO/.venv; run 'bash scripts/test.sh' or 'bash scripts/train_mujoco.sh' first (they create it)" >&2

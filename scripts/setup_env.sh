@@ -3,7 +3,7 @@
 # then export PYTHON and PYTHONPATH. Set HARL_PYTHON to choose the interpreter used to
 # build it. constraints.txt pins every transitive package (scripts/lock_requirements.sh).
 set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ROOT="$(CDPATH= cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.requirements.sha256"
 want="$(cat "$ROOT/requirements.txt" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"

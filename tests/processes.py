@@ -8,9 +8,10 @@ from typing import Callable
 
 
 def interrupt_when(cmd: list[str], ready: Callable[[], bool], timeout: float = 120,
-                   **popen_kwargs) -> tuple[subprocess.Popen, str, str]:
+                   stop: signal.Signals = signal.SIGINT, **popen_kwargs) -> tuple[subprocess.Popen, str, str]:
     """Start ``cmd``, wait until ``ready()`` (or the process ends, or ``timeout``), send it
-    SIGINT once if still running, and wait for it. Returns (process, stdout, stderr)."""
+    ``stop`` (SIGINT: Ctrl-C) once if still running, and wait for it. Returns (process,
+    stdout, stderr)."""
     proc = subprocess.Popen(cmd, **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True,
                                     **popen_kwargs})
     try:
@@ -18,7 +19,7 @@ def interrupt_when(cmd: list[str], ready: Callable[[], bool], timeout: float = 1
         while time.time() < deadline and proc.poll() is None and not ready():
             time.sleep(0.05)
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(stop)
         out, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:

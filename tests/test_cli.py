@@ -433,6 +433,26 @@ def test_resume_cannot_change_the_env_workers(finished_run, capsys):
     assert snapshot(finished_run) == before
 
 
+def test_a_run_another_process_trains_is_refused(finished_run, tmp_path, capsys):
+    """Two processes on one run directory (a --resume while it still trains, a sweep re-run
+    beside an orphaned run) would interleave metrics.csv rows and overwrite checkpoints."""
+    from train.train import lock_run_dir
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    held: list[int] = []
+    lock_run_dir(run, held)  # as the training process holds it (another open file: a conflict)
+    before = snapshot(run)
+    try:
+        rc, out, err = run_main(capsys, ["--resume", str(run), "--num_env_steps", "200"])
+    finally:
+        os.close(held.pop())
+    assert_usage_error(rc, err, str(run), "in use by another training process")
+    assert snapshot(run) == before
+    rc, out, err = run_main(capsys, ["--resume", str(run), "--num_env_steps", "200"])
+    assert rc == 0, err  # released with its holder
+
+
 def test_resume_keeps_the_runs_results_dir(finished_run, tmp_path, capsys):
     """--results_dir does not move a resumed run: a warning says so, and config.yaml keeps the
     directory the run was made in (it used to record the ignored one)."""

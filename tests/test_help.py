@@ -204,3 +204,13 @@ def test_field_docs_extraction():
         "last": ("second", "50%: percent signs too"),
     }
     assert [f.name for f in dataclasses.fields(_Sample)] == list(docs)
+
+
+@pytest.mark.parametrize("script", ["train_mujoco.sh", "train_smac.sh", "plot.sh"])
+def test_launch_scripts_ignore_an_exported_cdpath(script, tmp_path):
+    """With CDPATH exported, `cd <relative dir>` prints the directory, which the scripts'
+    $(cd ... && pwd) captured twice: every launch script failed before running anything."""
+    proc = subprocess.run(["bash", f"scripts/{script}", "--help"], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, CDPATH=f".:{tmp_path}"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout, proc.stdout[:300]

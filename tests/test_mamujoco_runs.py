@@ -245,7 +245,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, stop):
+    """Ctrl-C, and a closed terminal's SIGHUP (whose default action killed the run without a
+    checkpoint), save one and exit 130."""
     cmd = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(tmp_path), "--algo", "happo",
            "--num_env_steps", "1000000", "--no-use_eval", "--save_interval", "1000"]
     directory = run_dir(tmp_path, "happo")
@@ -256,7 +259,7 @@ def test_sigint_checkpoints_exits_130_and_resumes(tmp_path):
             seen_before_signal["checkpoint"] = (directory / "checkpoints" / "last.pt").exists()
             return True
         return False
-    proc, out, err = interrupt_when(cmd, ready, timeout=60, cwd=REPO, env=subprocess_env())
+    proc, out, err = interrupt_when(cmd, ready, timeout=60, stop=stop, cwd=REPO, env=subprocess_env())
     assert seen_before_signal == {"checkpoint": False}, (out, err)  # only the interrupt saves here
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "interrupted" in out

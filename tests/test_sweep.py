@@ -7,6 +7,7 @@ a few seconds. The local 2x2 sweep takes about 20 s on 2 cores, the Ray one abou
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -139,7 +140,10 @@ def test_the_same_sweep_again_continues_it(tmp_path, capsys):
     assert "already at 200 env steps" in log and "--resume" in log.splitlines()[-2]
 
 
-def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
+def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path, stop):
+    """The sweep passes the signal on to its runs (each in a session of its own): they save a
+    checkpoint and stop. A hangup used to stop the sweep alone, and its runs trained on."""
     import subprocess
 
     from tests.processes import interrupt_when
@@ -150,7 +154,7 @@ def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path):
     repo = Path(__file__).resolve().parent.parent
     proc, out, _ = interrupt_when([*sweep, "--num_env_steps", "100000000"],
                                   lambda: (run_dir(results, "happo", 1) / "metrics.csv").exists(),
-                                  cwd=repo, stderr=subprocess.STDOUT)
+                                  stop=stop, cwd=repo, stderr=subprocess.STDOUT)
     assert proc.returncode == 130, out
     assert "run the same command again to continue it" in out
     assert (run_dir(results, "happo", 1) / "checkpoints" / "last.pt").is_file()

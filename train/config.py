@@ -20,6 +20,7 @@ import io
 import math
 import os
 import re
+import signal
 import sys
 import tokenize
 from dataclasses import dataclass, field
@@ -29,6 +30,10 @@ from typing import Any, get_type_hints
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Signals that stop a run with a checkpoint (exit 130): Ctrl-C, a kill or a scheduler's
+# preemption, and a closed terminal or dropped ssh session (whose default action killed the
+# run without one).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CONFIG_DIR = REPO_ROOT / "configs"
 ALGORITHMS = ("happo", "hatrpo", "mappo", "ippo")
 ACTIVATIONS = ("relu", "tanh")

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from envs.registry import TASK_FLAGS
-from train.config import DEFAULT_ENV_VARIABLE, REPO_ROOT, ConfigError, load_config, parse_flags, unused_flags
+from train.config import (DEFAULT_ENV_VARIABLE, REPO_ROOT, STOP_SIGNALS, ConfigError, load_config, parse_flags,
+                          unused_flags)
 
 # Task flags of every env family (envs/registry.py), then algorithm and seed: outermost first.
 ORDER = (*dict.fromkeys(name for names in TASK_FLAGS.values() for name in names), "algo", "seed")
@@ -357,7 +358,7 @@ class LocalPool:
         return run
 
     def _stop(self, signum, frame) -> None:
-        """SIGTERM/SIGINT: start nothing new; the runs save a checkpoint and stop."""
+        """SIGINT/SIGTERM/SIGHUP: start nothing new; the runs save a checkpoint and stop."""
         self.stopping = True
         with self.lock:
             for proc in self.live:
@@ -371,7 +372,7 @@ class LocalPool:
     def execute(self) -> None:
         previous = {}
         if threading.current_thread() is threading.main_thread():
-            previous = {s: signal.signal(s, self._stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            previous = {s: signal.signal(s, self._stop) for s in STOP_SIGNALS}
         try:
             with ThreadPoolExecutor(max_workers=self.max_parallel) as pool:
                 futures = [pool.submit(self._one, run) for run in self.runs]

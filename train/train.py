@@ -15,7 +15,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from train.config import (RUNTIME_FIELDS, Config, ConfigError, config_from_dict, load_config,
+from train.config import (RUNTIME_FIELDS, STOP_SIGNALS, Config, ConfigError, config_from_dict, load_config,
                           parse_flags, read_yaml, save_config)
 from train.sweep import SWEEP_ONLY, SWEEPABLE
 from utils import provenance
@@ -192,6 +192,26 @@ class StartupSignals:
         self.runner = runner
 
 
+def lock_run_dir(run_dir: Path, held: list[int]) -> None:
+    """Lock ``run_dir`` for this process (the descriptor goes into ``held``; closing it, or the
+    process ending, releases it), so that two processes never train one run: a --resume while
+    the run still trains, or a sweep re-run while a run of the first is still going, would
+    both append to metrics.csv and overwrite each other's checkpoints. flock on the directory
+    itself leaves no file behind, and the kernel releases it when the process dies."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise ConfigError(f"run directory {run_dir} is in use by another training process; wait for it "
+                          "to finish or stop it (Ctrl-C saves a checkpoint) first") from None
+    held.append(fd)
+
+
 def remove_empty(directories: list[Path]) -> None:
     """Remove the directories a rejected or interrupted start created, deepest first, while empty."""
     for d in directories:
@@ -207,10 +227,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return sweep_main(argv)
     startup = StartupSignals()
-    previous = {s: signal.signal(s, startup) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: signal.signal(s, startup) for s in STOP_SIGNALS}
     new_dirs: list[Path] = []  # directories this start creates
+    held: list[int] = []  # the run directory's lock (lock_run_dir)
     try:
-        return start(argv, startup, new_dirs)
+        return start(argv, startup, new_dirs, held)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, one line rather than a traceback
         remove_empty(new_dirs)
         print("\ninterrupted: stopped at once; the last checkpoint, if any, is kept", file=sys.stderr)
@@ -218,15 +239,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        for fd in held:
+            os.close(fd)
 
 
-def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int:
-    """Train, resume or evaluate as the flags say; ``new_dirs`` collects the directories created."""
+def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path], held: list[int]) -> int:
+    """Train, resume or evaluate as the flags say; ``new_dirs`` collects the directories
+    created, ``held`` the run directory's lock."""
     try:
         flags = parse_flags(argv)
         if flags.get("resume"):
             config, checkpoint = resume_config(flags)
             run_dir = Path(config.resume)
+            lock_run_dir(run_dir, held)
             done = checkpoint["counters"]["env_steps"] if checkpoint else 0
             # Without a summary.json of these steps it stopped after its last checkpoint (or
             # after a session that trained it further died): the runner writes it.
@@ -237,8 +262,8 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
         elif flags.get("eval_only"):
             # Not load_config: it would check (and import) the default env family, while the
             # run's own config, read from the checkpoint, says which one to build.
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # nothing to save: Ctrl-C stops it
-            signal.signal(signal.SIGTERM, signal.default_int_handler)
+            for stop in STOP_SIGNALS:  # nothing to save: Ctrl-C stops it
+                signal.signal(stop, signal.default_int_handler)
             return evaluate_only(config_from_dict(flags, "command line"), flags)
         else:
             config, checkpoint = load_config(argv), None
@@ -252,6 +277,7 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path]) -> int
                 raise ConfigError(f"run directory {run_dir} already holds a run; continue it with "
                                   f"--resume {run_dir} or choose another --exp_name/--seed")
             ensure_writable(run_dir, "--results_dir")
+            lock_run_dir(run_dir, held)
         record = provenance.session_record(argv)  # git runs here, before JAX starts threads
         from envs.base import EnvError
         from runners.runner import Runner
