@@ -109,6 +109,27 @@ def test_win_rate_is_the_default_metric_of_any_family_that_logs_one(tmp_path):
     assert analysis.default_metric(analysis.discover_runs(tmp_path)) == "eval_win_rate"
 
 
+def test_a_seed_found_twice_and_an_unfinished_seed_are_warned_about(tmp_path, capsys):
+    """Both used to pass silently: a copy of seed 1 elsewhere under the results folder (e.g.
+    chaos/) counted as a fourth seed, and a seed stopped at 100 steps was averaged with the
+    others' finals at 200 while every curve ended at 100."""
+    for seed in (1, 2):
+        make_run(tmp_path, "mamujoco", "Hopper-3x1", "happo", seed, [0, 100, 200], [1.0, 2.0, 3.0])
+    make_run(tmp_path / "chaos", "mamujoco", "Hopper-3x1", "happo", 1, [0, 100, 200], [1.0, 2.0, 3.0])
+    make_run(tmp_path, "mamujoco", "Hopper-3x1", "happo", 3, [0, 100], [1.0, 2.0])
+    lines = analysis.seed_warnings(analysis.discover_runs(tmp_path))
+    assert len(lines) == 2, lines
+    assert "seed 1 is 2 runs" in lines[0] and "chaos" in lines[0]
+    assert "between 100 and 200 env steps" in lines[1] and "seed(s) 3 short" in lines[1]
+    capsys.readouterr()
+    assert plot.main([str(tmp_path), "--table-only"]) == 0
+    err = capsys.readouterr().err
+    assert sum(line.startswith("warning: ") for line in err.splitlines()) == 2, err
+    shutil.rmtree(tmp_path / "chaos")
+    shutil.rmtree(tmp_path / "mamujoco" / "Hopper-3x1" / "happo" / "default" / "seed-3")
+    assert analysis.seed_warnings(analysis.discover_runs(tmp_path)) == []
+
+
 def test_metric_curve_skips_blanks_sorts_and_dedupes(tmp_path):
     make_run(tmp_path, "mamujoco", "Hopper-3x1", "ippo", 1, [20, 0, 10, 30, 20],
              [4.0, 1.0, 2.0, None, 5.0])

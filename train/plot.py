@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     metric = args.metric or analysis.default_metric(runs)
     analysis.check_metric(runs, metric)
 
-    for line in analysis.mixed_revisions(runs):
+    for line in [*analysis.mixed_revisions(runs), *analysis.seed_warnings(runs)]:
         print(f"warning: {line}", file=sys.stderr)
     rows = analysis.final_table(runs, metric)
     if not rows:

@@ -196,6 +196,30 @@ def mixed_revisions(runs: list[Run]) -> list[str]:
     return lines
 
 
+def seed_warnings(runs: list[Run]) -> list[str]:
+    """One line per task x algo group whose seeds do not compare like for like: the same
+    seed found in several folders (each would count as a seed of its own, e.g. a copy
+    under ``chaos/``), or runs ending at different env steps (an unfinished or stopped seed:
+    the table averages its last value with the others' finals, the curves stop where it does)."""
+    lines = []
+    for (task, algo), group in group_runs(runs).items():
+        paths: dict[str, list[Path]] = {}
+        for r in group:
+            paths.setdefault(str(r.seed), []).append(r.path)
+        for seed, where in paths.items():
+            if len(where) > 1:
+                lines.append(f"{task} {algo}: seed {seed} is {len(where)} runs ({', '.join(map(str, where))}), "
+                             "each counted as a seed; plot one results folder at a time")
+        ends = {r.path: final_env_steps(r) for r in group}
+        known = [v for v in ends.values() if v is not None]
+        if known and min(known) < max(known):
+            short = sorted({str(r.seed) for r in group if ends[r.path] is not None and ends[r.path] < max(known)})
+            lines.append(f"{task} {algo}: runs end between {format_steps(min(known))} and "
+                         f"{format_steps(max(known))} env steps (seed(s) {', '.join(short)} short of the "
+                         "others): the table mixes their finals, the curves stop at the shortest")
+    return lines
+
+
 def discover_runs(root: str | Path) -> list[Run]:
     """All runs under ``root`` (every directory holding a ``metrics.csv``), sorted.
 
