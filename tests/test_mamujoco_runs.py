@@ -245,10 +245,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
-def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, stop):
+@pytest.mark.parametrize("stop,blocked", [(signal.SIGINT, False), (signal.SIGHUP, False), (signal.SIGINT, True)],
+                         ids=["ctrl-c", "hangup", "ctrl-c-blocked-by-the-launcher"])
+def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, stop, blocked):
     """Ctrl-C, and a closed terminal's SIGHUP (whose default action killed the run without a
-    checkpoint), save one and exit 130."""
+    checkpoint), save one and exit 130; also when the launcher started the run with SIGINT
+    blocked (a Ray worker does, and the mask is inherited: the run never saw it)."""
     cmd = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(tmp_path), "--algo", "happo",
            "--num_env_steps", "1000000", "--no-use_eval", "--save_interval", "1000"]
     directory = run_dir(tmp_path, "happo")
@@ -259,7 +261,8 @@ def test_sigint_checkpoints_exits_130_and_resumes(tmp_path, stop):
             seen_before_signal["checkpoint"] = (directory / "checkpoints" / "last.pt").exists()
             return True
         return False
-    proc, out, err = interrupt_when(cmd, ready, timeout=60, stop=stop, cwd=REPO, env=subprocess_env())
+    launch = {"preexec_fn": lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})} if blocked else {}
+    proc, out, err = interrupt_when(cmd, ready, timeout=60, stop=stop, cwd=REPO, env=subprocess_env(), **launch)
     assert seen_before_signal == {"checkpoint": False}, (out, err)  # only the interrupt saves here
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err and "interrupted" in out

@@ -170,6 +170,29 @@ def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path, 
         assert (run_dir(results, "happo", seed) / "summary.json").is_file()
 
 
+def test_interrupted_ray_sweep_saves_its_runs(tmp_path):
+    """Ctrl-C of a sweep on a local Ray cluster: its runs save a checkpoint and stop, as a
+    local sweep's do. Cancelling the Ray tasks and shutting Ray down had killed them unsaved
+    (and a Ray worker's blocked SIGINT, inherited by the run, hid the signal from it)."""
+    pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
+    import subprocess
+
+    from tests.processes import interrupt_when
+
+    results = tmp_path / "results"
+    sweep = [sys.executable, "-m", "train.train", *TINY, "--results_dir", str(results), "--algo", "happo",
+             "--seeds", "1,2", "--max_parallel", "2", "--ray_address", "local", "--save_interval", "1000",
+             "--num_env_steps", "100000000"]
+    repo = Path(__file__).resolve().parent.parent
+    proc, out, _ = interrupt_when(sweep, lambda: all((run_dir(results, "happo", s) / "metrics.csv").exists()
+                                                     for s in SEEDS), cwd=repo, stderr=subprocess.STDOUT)
+    if "could not start or reach Ray" in out:
+        pytest.skip(f"a local Ray instance cannot start here: {out.strip()[-300:]}")
+    assert proc.returncode == 130, out
+    for seed in SEEDS:  # --save_interval 1000: only the interrupt saves
+        assert (run_dir(results, "happo", seed) / "checkpoints" / "last.pt").is_file(), out
+
+
 def test_ray_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
     pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
     results = tmp_path / "results"

@@ -264,9 +264,11 @@ def run_command(argv: list[str], log_path: str, repo_root: str, header: str,
 
     Returns (exit status, last lines of the log). ``on_start(popen)`` lets the caller
     forward signals; with ``new_session`` the run does not receive the terminal's Ctrl-C
-    itself (the caller forwards exactly one signal, see ``LocalPool``).
+    itself (the caller forwards exactly one signal, see ``LocalPool``). While the run lives,
+    ``<log_path>.pid`` holds its process id (a local Ray sweep interrupts its runs by it).
     """
     import collections
+    import contextlib
     import os
     import subprocess
     import sys
@@ -287,7 +289,14 @@ def run_command(argv: list[str], log_path: str, repo_root: str, header: str,
             return 127, [f"could not start {command[0]}: {exc}"]
         if on_start is not None:
             on_start(proc)
-        returncode = proc.wait()
+        pid_path = log_path + ".pid"
+        with open(pid_path, "w") as pid_file:
+            pid_file.write(str(proc.pid))
+        try:
+            returncode = proc.wait()
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(pid_path)
     with open(log_path, "rb") as log:
         log.seek(max(0, os.path.getsize(log_path) - 16_384))
         lines = log.read().decode(errors="replace").splitlines()
@@ -428,6 +437,14 @@ def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given
                 report_finished(run, done, len(runs))
     except KeyboardInterrupt:
         print("\nsweep: interrupted; cancelling the Ray tasks", flush=True)
+        if address == "local":
+            # Cancelling a task neither stops nor signals its run, and shutting Ray down then
+            # kills it unsaved: on this machine, interrupt the runs as a local sweep does (they
+            # save a checkpoint) and wait for them first. A cluster's runs keep their last
+            # periodic checkpoint.
+            for run, _ in in_flight.values():
+                _interrupt(run)
+            _wait_for_runs([run for run, _ in in_flight.values()])
         for ref, (run, _) in in_flight.items():
             ray.cancel(ref)
             run.error = "cancelled (sweep interrupted)"
@@ -437,6 +454,36 @@ def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given
     finally:
         ray.shutdown()
     return False
+
+
+def _interrupt(run: Run) -> None:
+    """SIGINT to the process training ``run`` on this machine (its pid from run_command)."""
+    try:
+        pid = int(Path(f"{run.log}.pid").read_text())
+        os.kill(pid, signal.SIGINT)
+    except (OSError, ValueError):  # not started yet, or finished meanwhile
+        pass
+
+
+def _wait_for_runs(runs: list[Run], timeout: float = 300.0) -> None:
+    """Wait (at most ``timeout`` s in all) until no process trains any of ``runs``: a
+    training process holds its run directory's lock (train.train.lock_run_dir)."""
+    import fcntl
+
+    deadline = time.time() + timeout
+    for run in runs:
+        if not run.run_dir.is_dir():
+            continue
+        fd = os.open(run.run_dir, os.O_RDONLY)
+        try:
+            while time.time() < deadline:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError:
+                    time.sleep(0.2)
+        finally:
+            os.close(fd)
 
 
 # -- entry point -------------------------------------------------------------------------------

@@ -227,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return sweep_main(argv)
     startup = StartupSignals()
+    if hasattr(signal, "pthread_sigmask"):
+        # A launcher may have blocked them, and children inherit the mask (a Ray worker blocks
+        # SIGINT): the run would never see the Ctrl-C that saves its checkpoint.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     previous = {s: signal.signal(s, startup) for s in STOP_SIGNALS}
     new_dirs: list[Path] = []  # directories this start creates
     held: list[int] = []  # the run directory's lock (lock_run_dir)
