@@ -417,6 +417,8 @@ def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given
     # A cluster has its own CPU count; only an explicit --max_parallel bounds the runs in flight.
     limit = max_parallel if (parallel_given or address == "local") else len(runs)
     pending = list(runs)
+    for run in pending:  # a pid left by a sweep that died would name some other process now
+        Path(f"{run.log}.pid").unlink(missing_ok=True)
     in_flight: dict = {}
     done = 0
     try:
