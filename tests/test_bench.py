@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import torch
+
 from train import bench
 
 
@@ -40,6 +42,9 @@ def test_bench_rejects_bad_input(capsys):
     assert bench.main(["--progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 6 and all(line.startswith("error: ") for line in err)
+    if not torch.cuda.is_available():  # --device=cuda was replaced by the CPU without a word
+        assert bench.main(["--device=cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
     assert err[5] == "error: --progress is set by the benchmark (its last line is the result)"
     assert "--num_env_steps is set by the benchmark (use --iterations)" in err[2]
 

@@ -85,6 +85,9 @@ BAD_FLAGS = {
     "empty exp_name": (["--exp_name", ""], ["--exp_name"]),
     "flag of another env family": (["--map_name", "3m"], ["--map_name", "--env mamujoco", "--scenario"]),
     "body with no partition": (["--scenario", "InvertedPendulum"], ["--scenario", "no partition"]),
+    "body that does not reproduce": (["--scenario", "Pusher", "--agent_conf", "3p"], ["--scenario Pusher", "seed"]),
+    "one swimmer segment": (["--scenario", "ManySegmentSwimmer", "--agent_conf", "1x1"],
+                            ["--agent_conf", "at least 2 segments", "'1x1'"]),
     "partition of another body": (["--agent_conf", "4x2"], ["--agent_conf", "known: 2x3, 6x1"]),
     "budget below one iteration": (["--num_env_steps", "50"], ["--num_env_steps", "50", "100 env steps"]),
 }

@@ -107,13 +107,13 @@ HETEROGENEOUS = [
     ("Hopper", "3x1", ["--agent_obsk", "1"], "Hopper-3x1", 3, "obs [8, 9, 8], actions [1, 1, 1]"),
     ("Humanoid", "9|8", [], "Humanoid-9_8", 2, "obs [236, 167], actions [9, 8]"),
     # No node-based observation map in the wrapper (observation_factorization is None).
-    ("Pusher", "3p", [], "Pusher-3p", 3, "obs [15, 11, 15], actions [3, 1, 3]"),
+    ("Reacher", "2x1", [], "Reacher-2x1", 2, "obs [5, 8], actions [1, 1]"),
 ]
 
 
 @pytest.mark.parametrize("algo", ALGOS)
 @pytest.mark.parametrize("scenario,conf,extra,task,n_agents,spaces", HETEROGENEOUS,
-                         ids=["Hopper-3x1-k1", "Humanoid-9|8", "Pusher-3p"])
+                         ids=["Hopper-3x1-k1", "Humanoid-9|8", "Reacher-2x1"])
 def test_heterogeneous_agents(tmp_path, capsys, algo, scenario, conf, extra, task, n_agents, spaces):
     no_share = ["--no-share_param"] if algo in ("mappo", "ippo") else []
     rc = train(tmp_path, "--algo", algo, "--scenario", scenario, "--agent_conf", conf, *extra, *no_share,

@@ -65,6 +65,25 @@ def test_mamujoco_gif_resized_through_the_script(mujoco_run, tmp_path):
     assert f"wrote {out}" in proc.stdout and "episode 1: return" in proc.stdout
 
 
+def test_a_fast_gif_keeps_every_kth_frame_at_a_delay_viewers_honour(tmp_path):
+    """Hopper renders at 125 fps: 8 ms per frame was stored as a GIF delay of 0 (viewers play
+    that at 10 fps). Every 3rd frame is kept, at 20 ms (50 fps)."""
+    from PIL import Image
+
+    from train.render import FrameWriter
+
+    out = tmp_path / "fast.gif"
+    writer = FrameWriter(out, 125, 0, 0)
+    for k in range(9):
+        writer.append(np.full((8, 8, 3), 20 * k, np.uint8))
+    writer.close(keep=True)
+    assert writer.fps == 50 and writer.count == 3
+    with Image.open(out) as gif:
+        assert gif.n_frames == 3 and gif.info["duration"] == 20
+    slow = FrameWriter(tmp_path / "slow.gif", 20, 0, 0)
+    assert slow.stride == 1 and slow.fps == 20
+
+
 def test_default_output_beside_the_run_or_the_checkpoint_file(tmp_path):
     """A copied checkpoint (/x/ck/run1.pt) gets /x/ck/run1.mp4, not a video in /x."""
     from train.render import default_output
@@ -83,7 +102,8 @@ def test_bad_input_is_one_line(mujoco_run, tmp_path, capsys):
     cases = [([str(tmp_path / "nowhere")], "no such run directory"),
              ([str(tmp_path)], "no checkpoint at"),
              ([str(mujoco_run), "--out", str(tmp_path / "x.avi")], "must be .mp4 or .gif"),
-             ([str(mujoco_run), "--episodes", "0"], "--episodes must be a positive integer")]
+             ([str(mujoco_run), "--episodes", "0"], "--episodes must be a positive integer"),
+             ([str(mujoco_run), "--seed", "-1"], "--seed must be in [0, 2**32 - 1]")]
     for argv, message in cases:
         assert render_main(argv) == 2
         err = capsys.readouterr().err

@@ -126,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     if not any(given(rest, f) for f in ("env", "scenario", "agent_conf", "config", "episode_length")):
         rest = rest + REFERENCE_ROLLOUT
 
+    cpu = [] if given(rest, "device") else ["--device", "cpu"]  # the CPU unless --device says otherwise
     try:
-        base = load_config(rest + ["--device", "cpu"] if "--device" not in rest else rest,
+        base = load_config(rest + cpu,
                            warn_unused=False)  # the run below warns
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -137,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         flags = rest + ["--num_env_steps", str(total), "--results_dir", tmp, "--no-use_eval",
                         "--log_interval", "1", "--save_interval", str(known.iterations),
-                        "--no-tensorboard", "--no-progress"]
-        if "--device" not in rest:
-            flags += ["--device", "cpu"]
+                        "--no-tensorboard", "--no-progress", *cpu]
         children = ChildPeaks()
         children.start()
         start = time.time()

@@ -17,6 +17,7 @@ cannot be written) exits with status 2 and one line on stderr, before any episod
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -60,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("fps", "width", "height", "max_steps"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be >= 0; got {getattr(args, name)}")
+    if args.seed is not None and not 0 <= args.seed < 2**32:  # as training checks --seed
+        raise ConfigError(f"--seed must be in [0, 2**32 - 1]; got {args.seed}")
     return args
 
 
@@ -171,11 +174,25 @@ def render_frame(env) -> np.ndarray:
         raise
 
 
+GIF_MAX_FPS = 50  # GIF delays are whole hundredths of a second; viewers slow any under 2 to 10
+
+
 class FrameWriter:
-    """Streams frames into an MP4 (imageio-ffmpeg) or a GIF; written atomically on close."""
+    """Streams frames into an MP4 (imageio-ffmpeg) or a GIF; written atomically on close.
+
+    A GIF faster than ``GIF_MAX_FPS`` (MuJoCo's Hopper renders at 125 fps) keeps every
+    ``stride``-th frame and plays at the nearest whole-hundredth delay; ``fps`` is then the
+    rate written (a delay of 0.8 hundredths was stored as 0, which viewers play at 10 fps).
+    """
 
     def __init__(self, path: Path, fps: int, width: int, height: int):
-        self.path, self.fps, self.width, self.height = path, fps, width, height
+        self.path, self.width, self.height = path, width, height
+        self.stride = 1
+        self.fps: float = fps
+        if path.suffix.lower() == ".gif":
+            self.stride = max(1, math.ceil(fps / GIF_MAX_FPS))
+            self.fps = 100 / max(2, round(100 * self.stride / fps))
+        self._offered = 0  # frames passed to append (every stride-th is kept)
         self.tmp = self.temp_path(path)
         self.writer = None
         self.count = 0
@@ -199,6 +216,9 @@ class FrameWriter:
 
     def append(self, frame) -> None:
         if frame is None:
+            return
+        self._offered += 1
+        if (self._offered - 1) % self.stride:
             return
         import imageio.v2 as imageio
 
@@ -300,7 +320,7 @@ def render(argv: list[str]) -> int:
     if not ok:
         raise ConfigError("no frames were rendered")
     w, h = writer.size
-    print(f"wrote {out} ({writer.count} frames, {w}x{h}, {writer.fps} fps)")
+    print(f"wrote {out} ({writer.count} frames, {w}x{h}, {writer.fps:g} fps)")
     return 0
 
 
