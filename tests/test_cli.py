@@ -553,3 +553,16 @@ def test_the_launch_scripts_env_is_a_default_below_config_files_and_flags(monkey
     assert load_config(["--env", "mamujoco"]).env == "mamujoco"
     monkeypatch.delenv(DEFAULT_ENV_VARIABLE)
     assert load_config([]).env == "mamujoco"
+
+
+def test_a_file_system_without_directory_locks_still_trains(tmp_path, capsys, monkeypatch):
+    """Some network file systems refuse flock on a directory (ENOLCK): the run goes on
+    without the lock rather than being taken for one another process trains."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    rc, out, err = run_main(capsys, [*TINY, "--num_env_steps", "100", "--results_dir", str(tmp_path / "r")])
+    assert rc == 0, err

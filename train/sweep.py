@@ -482,8 +482,10 @@ def _wait_for_runs(runs: list[Run], timeout: float = 300.0) -> None:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                except OSError:
+                except BlockingIOError:
                     time.sleep(0.2)
+                except OSError:  # no flock here (train.train.lock_run_dir): nothing to wait on
+                    break
         finally:
             os.close(fd)
 

@@ -205,10 +205,13 @@ def lock_run_dir(run_dir: Path, held: list[int]) -> None:
     fd = os.open(run_dir, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise ConfigError(f"run directory {run_dir} is in use by another training process; wait for it "
                           "to finish or stop it (Ctrl-C saves a checkpoint) first") from None
+    except OSError:  # a file system without flock on directories (some NFS set-ups): no lock
+        os.close(fd)
+        return
     held.append(fd)
 
 
