@@ -44,6 +44,7 @@ from pathlib import Path
 from envs.registry import TASK_FLAGS
 from train.config import (DEFAULT_ENV_VARIABLE, REPO_ROOT, STOP_SIGNALS, ConfigError, load_config, parse_flags,
                           unused_flags)
+from utils.dirlock import try_lock
 
 # Task flags of every env family (envs/registry.py), then algorithm and seed: outermost first.
 ORDER = (*dict.fromkeys(name for names in TASK_FLAGS.values() for name in names), "algo", "seed")
@@ -69,6 +70,11 @@ class Run:
     seconds: float = 0.0
     error: str = ""  # why it could not run at all (e.g. a Ray task crashed)
     resumed: bool = False  # its run directory already held this run: it continues (--resume)
+
+    @property
+    def pid_file(self) -> Path:
+        """Where run_command keeps the pid of the process training this run while it lives."""
+        return Path(f"{self.log}.pid")
 
     @property
     def ok(self) -> bool:
@@ -418,7 +424,7 @@ def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given
     limit = max_parallel if (parallel_given or address == "local") else len(runs)
     pending = list(runs)
     for run in pending:  # a pid left by a sweep that died would name some other process now
-        Path(f"{run.log}.pid").unlink(missing_ok=True)
+        run.pid_file.unlink(missing_ok=True)
     in_flight: dict = {}
     done = 0
     try:
@@ -461,7 +467,7 @@ def execute_ray(runs: list[Run], address: str, max_parallel: int, parallel_given
 def _interrupt(run: Run) -> None:
     """SIGINT to the process training ``run`` on this machine (its pid from run_command)."""
     try:
-        pid = int(Path(f"{run.log}.pid").read_text())
+        pid = int(run.pid_file.read_text())
         os.kill(pid, signal.SIGINT)
     except (OSError, ValueError):  # not started yet, or finished meanwhile
         pass
@@ -470,24 +476,17 @@ def _interrupt(run: Run) -> None:
 def _wait_for_runs(runs: list[Run], timeout: float = 300.0) -> None:
     """Wait (at most ``timeout`` s in all) until no process trains any of ``runs``: a
     training process holds its run directory's lock (train.train.lock_run_dir)."""
-    import fcntl
-
     deadline = time.time() + timeout
     for run in runs:
-        if not run.run_dir.is_dir():
-            continue
-        fd = os.open(run.run_dir, os.O_RDONLY)
-        try:
-            while time.time() < deadline:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    time.sleep(0.2)
-                except OSError:  # no flock here (train.train.lock_run_dir): nothing to wait on
-                    break
-        finally:
-            os.close(fd)
+        while run.run_dir.is_dir() and time.time() < deadline:
+            try:
+                fd = try_lock(run.run_dir)
+            except BlockingIOError:
+                time.sleep(0.2)
+                continue
+            if fd is not None:  # None: no lock on this file system, nothing to wait on
+                os.close(fd)
+            break
 
 
 # -- entry point -------------------------------------------------------------------------------

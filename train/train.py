@@ -19,6 +19,7 @@ from train.config import (RUNTIME_FIELDS, STOP_SIGNALS, Config, ConfigError, con
                           parse_flags, read_yaml, save_config)
 from train.sweep import SWEEP_ONLY, SWEEPABLE
 from utils import provenance
+from utils.dirlock import try_lock
 from utils.checkpoint import CheckpointError
 
 
@@ -193,26 +194,17 @@ class StartupSignals:
 
 
 def lock_run_dir(run_dir: Path, held: list[int]) -> None:
-    """Lock ``run_dir`` for this process (the descriptor goes into ``held``; closing it, or the
-    process ending, releases it), so that two processes never train one run: a --resume while
-    the run still trains, or a sweep re-run while a run of the first is still going, would
-    both append to metrics.csv and overwrite each other's checkpoints. flock on the directory
-    itself leaves no file behind, and the kernel releases it when the process dies."""
+    """Lock ``run_dir`` for this process (``utils.dirlock``; the descriptor goes into
+    ``held``), so that two processes never train one run: a --resume while the run still
+    trains, or a sweep re-run while a run of the first is still going, would both append to
+    metrics.csv and overwrite each other's checkpoints."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return
-    fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = try_lock(run_dir)
     except BlockingIOError:
-        os.close(fd)
         raise ConfigError(f"run directory {run_dir} is in use by another training process; wait for it "
                           "to finish or stop it (Ctrl-C saves a checkpoint) first") from None
-    except OSError:  # a file system without flock on directories (some NFS set-ups): no lock
-        os.close(fd)
-        return
-    held.append(fd)
+    if fd is not None:
+        held.append(fd)
 
 
 def remove_empty(directories: list[Path]) -> None:

@@ -1,0 +1,27 @@
+"""One process trains a run directory at a time: an flock on the directory itself, which
+leaves no file behind and which the kernel releases when the process ends."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def try_lock(directory: Path) -> int | None:
+    """Lock ``directory``: the descriptor holding the lock (closing it releases it), or None
+    where no lock is possible (not POSIX, or a file system that refuses flock on
+    directories, as some NFS set-ups do). Raises BlockingIOError while another process
+    holds it."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
