@@ -20,6 +20,7 @@ batch folds agents into the env axis: B = E * len(group).
 """
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
@@ -146,6 +147,41 @@ def first_hidden(hidden: torch.Tensor | None, rows: Rows | None) -> torch.Tensor
     if rows is None:
         return hidden[0]
     return hidden[rows.t[0], rows.b]
+
+
+class MaybeCompiled:
+    """``fn`` run through ``torch.compile`` when ``enabled`` (``--compile``), else as it is.
+
+    Inductor needs a C++ compiler on the CPU (triton on CUDA). If a compiled call fails where
+    ``fn`` itself runs, the compiler is the problem: warn once and go on with ``fn`` (a
+    genuine error in ``fn`` raises from the plain call). ``dynamic=False``: a run's batch
+    shapes are fixed, so one graph serves every actor of the same shape.
+    """
+
+    def __init__(self, fn, enabled: bool):
+        self.fn = fn
+        self.compiled = None
+        if enabled:
+            import torch._inductor.config
+
+            # Compile in this process: by default inductor starts a pool of compile workers
+            # (one per core on a big machine) that outlive the compile, each a few hundred MB,
+            # for graphs this small.
+            torch._inductor.config.compile_threads = 1
+            self.compiled = torch.compile(fn, dynamic=False)
+
+    def __call__(self, *args):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - decided by the plain call below
+                out = self.fn(*args)
+                reason = (str(exc).strip().splitlines() or [""])[0][:200]
+                print(f"warning: --compile: torch.compile failed ({type(exc).__name__}: {reason}); "
+                      "continuing without it", file=sys.stderr, flush=True)
+                self.compiled = None
+                return out
+        return self.fn(*args)
 
 
 class OnPolicyMARL:

@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from algorithms.base import ActorBatch, OnPolicyMARL, first_hidden, masked_mean, minibatches, take
+from algorithms.base import ActorBatch, MaybeCompiled, OnPolicyMARL, first_hidden, masked_mean, minibatches, take
 
 
 def happo_loss(log_probs, old_log_probs, advantages, M, active, entropy, clip_param: float,
@@ -37,8 +37,21 @@ def happo_loss(log_probs, old_log_probs, advantages, M, active, entropy, clip_pa
     return policy_loss - entropy_coef * mean_entropy, info
 
 
+def minibatch_loss(actor, obs, actions, hidden, starts, avail, old_log_probs, advantages, M,
+                   active, clip_param: float, entropy_coef: float):
+    """``happo_loss`` of ``actor`` on one mini-batch (what ``--compile`` compiles)."""
+    log_probs, entropy, _ = actor.evaluate(obs, actions, hidden, starts, avail)
+    return happo_loss(log_probs, old_log_probs, advantages, M, active, entropy, clip_param,
+                      entropy_coef)
+
+
 class HAPPO(OnPolicyMARL):
     sequential = True
+
+    def __init__(self, config, spec, device):
+        super().__init__(config, spec, device)
+        self.minibatch_loss = MaybeCompiled(minibatch_loss, config.compile
+                                            and not config.use_recurrent_policy)
 
     def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
         """``ppo_epoch`` epochs of clipped updates of actor ``g``; M [T, B]."""
@@ -49,13 +62,11 @@ class HAPPO(OnPolicyMARL):
         for _ in range(cfg.ppo_epoch):
             for idx in minibatches(T, B, cfg.actor_num_mini_batch, self.chunk_length, self.rng,
                                    self.device):
-                log_probs, entropy, _ = actor.evaluate(
-                    take(batch.obs, idx), take(batch.actions, idx), first_hidden(batch.hidden, idx),
-                    take(batch.starts, idx), take(batch.avail, idx))
-                loss, info = happo_loss(log_probs, take(batch.old_log_probs, idx),
-                                        take(batch.advantages, idx), take(M, idx),
-                                        take(batch.active, idx), entropy, cfg.clip_param,
-                                        cfg.entropy_coef)
+                loss, info = self.minibatch_loss(
+                    actor, take(batch.obs, idx), take(batch.actions, idx),
+                    first_hidden(batch.hidden, idx), take(batch.starts, idx), take(batch.avail, idx),
+                    take(batch.old_log_probs, idx), take(batch.advantages, idx), take(M, idx),
+                    take(batch.active, idx), cfg.clip_param, cfg.entropy_coef)
                 info["grad_norm"] = self.optimise(optim, actor, loss, "actor loss", self.label(g))
                 for key, value in info.items():
                     sums[key].append(value)

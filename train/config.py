@@ -56,6 +56,10 @@ class Config:
     torch_threads: int = 0  # 0 = auto: this run's share of the cores among this project's runs
     # on the machine, re-read every iteration, 1..4; a run alone at start-up takes at most the
     # cores other programs left idle (utils/device.py)
+    compile: bool = True  # torch.compile the PPO-family actors' mini-batch loss (feed-forward
+    # policies; ~1.4x faster actor updates on CPU, docs/performance.md). Costs ~10 s of compiling
+    # in the first update (~2 s once inductor's on-disk cache is warm) and needs a C++ compiler
+    # on the CPU (triton on CUDA); when compiling fails the run warns once and goes on without
     resume: str = ""  # run directory to continue from its last checkpoint
     eval_only: bool = False  # evaluate --model_dir and exit, no training
     model_dir: str = ""  # run directory or checkpoint file for --eval_only
@@ -607,6 +611,10 @@ def unused_flags(config: Config, given: Any) -> dict[str, str]:
            if not config.use_eval else {}),
         **({"clip_param": "--algo hatrpo reads it only as the value clip of --use_clipped_value_loss"}
            if not ppo and not config.use_clipped_value_loss else {}),
+        **({"compile": "it compiles the PPO family's actor loss; HATRPO's Fisher-vector products "
+                       "need double backward, which compiled graphs do not give"} if not ppo else
+           {"compile": "it compiles feed-forward actors only (the GRU's loop over steps is not)"}
+           if config.use_recurrent_policy else {}),
     }
     return {name: reasons[name] for name in given if name in reasons}
 

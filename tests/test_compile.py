@@ -1,0 +1,146 @@
+"""``--compile``: the compiled actor loss against the plain one, a compiled training run, and
+the fall-back when compiling fails.
+
+The rest of the suite runs with compiling switched off (tests/conftest.py); the fixture
+``compiling`` switches it back on. Each distinct graph costs a few seconds to compile.
+"""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from algorithms.base import MaybeCompiled
+from algorithms.happo import minibatch_loss
+from algorithms.networks import Actor
+from envs.base import AgentSpec
+from train.config import Config, load_config
+
+B = 256  # mini-batch size of the loss checks
+
+
+@pytest.fixture
+def compiling():
+    with torch._dynamo.config.patch(disable=False):
+        torch._dynamo.reset()
+        counters.clear()
+        yield
+        torch._dynamo.reset()
+
+
+def loss_inputs(spec: AgentSpec, seed: int = 0) -> tuple:
+    """One mini-batch [1, B, ...] for ``minibatch_loss``, with inactive samples and (discrete)
+    unavailable actions."""
+    g = torch.Generator().manual_seed(seed)
+    obs = torch.randn(1, B, spec.obs_dim, generator=g)
+    if spec.action_kind == "discrete":
+        avail = torch.rand(1, B, spec.action_dim, generator=g) > 0.3
+        avail[..., 0] = True
+        actions = (torch.rand(1, B, spec.action_dim, generator=g) * avail).argmax(-1)
+    else:
+        avail = None
+        actions = torch.randn(1, B, spec.action_dim, generator=g)
+    old_log_probs = torch.randn(1, B, generator=g) - 1.5
+    advantages = torch.randn(1, B, generator=g)
+    M = torch.rand(1, B, generator=g) + 0.5
+    active = torch.rand(1, B, generator=g) > 0.2
+    return obs, actions, None, None, avail, old_log_probs, advantages, M, active, 0.2, 0.01
+
+
+def loss_and_grads(loss_fn, actor, inputs) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+    actor.zero_grad(set_to_none=True)
+    loss, info = loss_fn(actor, *inputs)
+    loss.backward()
+    return loss.detach(), info, [p.grad.clone() for p in actor.parameters()]
+
+
+@pytest.mark.parametrize("kind", ["discrete", "continuous"])
+def test_compiled_loss_and_gradients_match_the_plain_ones(compiling, kind):
+    spec = AgentSpec(12, kind, 5)
+    torch.manual_seed(0)
+    actor = Actor(spec, Config(hidden_sizes=[32, 32]))
+    inputs = loss_inputs(spec)
+    compiled = MaybeCompiled(minibatch_loss, enabled=True)
+    plain_loss, plain_info, plain_grads = loss_and_grads(minibatch_loss, actor, inputs)
+    for _ in range(2):  # the second call runs the cached graph
+        loss, info, grads = loss_and_grads(compiled, actor, inputs)
+        torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+        for key in plain_info:
+            torch.testing.assert_close(info[key], plain_info[key], rtol=1e-5, atol=1e-6)
+        for got, want in zip(grads, plain_grads):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert compiled.compiled is not None  # no fall-back happened
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once, then reused
+
+
+def test_compiled_training_runs_repeat_and_resume_exactly(compiling, tmp_path, capsys):
+    """Short HAPPO runs on MaMuJoCo HalfCheetah 2x3 with --compile: the same seed twice gives
+    the same metrics, and so does a run stopped after 2 of its 3 iterations and resumed; no
+    fall-back warning (the compiled path really ran)."""
+    pytest.importorskip("gymnasium_robotics")
+    from train.train import main
+
+    flags = ["--env", "mamujoco", "--scenario", "HalfCheetah", "--agent_conf", "2x3", "--algo", "happo",
+             "--n_rollout_threads", "2", "--episode_length", "50", "--hidden_sizes", "16,16",
+             "--ppo_epoch", "2", "--actor_num_mini_batch", "2", "--critic_epoch", "1",
+             "--no-use_eval", "--log_interval", "1", "--save_interval", "1", "--device", "cpu",
+             "--torch_threads", "1", "--no-progress", "--no-tensorboard", "--compile"]
+
+    def trained(results: Path) -> list[dict[str, str]]:
+        run = results / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
+        with open(run / "metrics.csv", newline="") as fh:
+            return [{k: v for k, v in r.items() if k.startswith(("env_steps", "agent", "critic", "train_"))}
+                    for r in csv.DictReader(fh)]
+
+    for name in ("a", "b"):
+        assert main([*flags, "--num_env_steps", "300", "--results_dir", str(tmp_path / name)]) == 0
+    assert main([*flags, "--num_env_steps", "200", "--results_dir", str(tmp_path / "c")]) == 0
+    run_c = tmp_path / "c" / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
+    assert main(["--resume", str(run_c), "--num_env_steps", "300", "--no-progress"]) == 0
+    assert "torch.compile failed" not in capsys.readouterr().err
+    assert counters["stats"]["unique_graphs"] >= 1
+    a = trained(tmp_path / "a")
+    assert len(a) == 3 and a == trained(tmp_path / "b") == trained(tmp_path / "c")
+
+
+def test_failed_compile_warns_once_and_continues_plain(monkeypatch, capsys):
+    def broken(*args):
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    fn = MaybeCompiled(lambda x: x * 2, enabled=True)
+    assert fn(3) == 6
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("warning: --compile: torch.compile failed (")
+    assert "no working C++ compiler found" in err and "continuing without it" in err
+    assert fn(4) == 8 and capsys.readouterr().err == ""  # plain from now on
+    assert fn.compiled is None
+
+
+def test_an_error_of_the_loss_itself_is_raised_not_hidden(monkeypatch, capsys):
+    def loss(x):
+        raise ValueError(f"bad batch {x}")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    with pytest.raises(ValueError, match="bad batch 1"):
+        MaybeCompiled(loss, enabled=True)(1)
+    assert capsys.readouterr().err == ""
+
+
+def test_compile_flag(capsys):
+    assert load_config(["--env", "smax", "--map_name", "3m"]).compile
+    assert not load_config(["--env", "smax", "--map_name", "3m", "--no-compile"]).compile
+    capsys.readouterr()
+    load_config(["--env", "smax", "--map_name", "3m", "--algo", "hatrpo", "--compile"])
+    assert "warning: --compile has no effect here: it compiles the PPO family's actor loss" in capsys.readouterr().err
+    load_config(["--env", "smax", "--map_name", "3m", "--use_recurrent_policy", "--compile"])
+    assert "warning: --compile has no effect here: it compiles feed-forward actors only" in capsys.readouterr().err
+
+
+def test_the_suite_runs_plain():
+    """tests/conftest.py's switch is in force (else every tiny run of the suite compiles)."""
+    assert torch._dynamo.config.disable
