@@ -178,7 +178,7 @@ class MaybeCompiled:
                 out = self.fn(*args)
                 reason = (str(exc).strip().splitlines() or [""])[0][:200]
                 print(f"warning: --compile: torch.compile failed ({type(exc).__name__}: {reason}); "
-                      "continuing without it", file=sys.stderr, flush=True)
+                      "continuing without it (--no-compile skips the attempt)", file=sys.stderr, flush=True)
                 self.compiled = None
                 return out
         return self.fn(*args)

@@ -50,8 +50,7 @@ class HAPPO(OnPolicyMARL):
 
     def __init__(self, config, spec, device):
         super().__init__(config, spec, device)
-        self.minibatch_loss = MaybeCompiled(minibatch_loss, config.compile
-                                            and not config.use_recurrent_policy)
+        self.minibatch_loss = MaybeCompiled(minibatch_loss, config.compiles_actor_loss)
 
     def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
         """``ppo_epoch`` epochs of clipped updates of actor ``g``; M [T, B]."""

@@ -24,6 +24,7 @@ def test_bench_prints_the_figures_on_the_reference_rollout(capsys):
     result = json.loads(out.strip().splitlines()[-1])
     assert "summary.json" not in out  # the run's own lines name a temporary directory
     assert "20x200" in result["workload"] and "happo" in result["workload"]
+    assert result["workload"].endswith("compile=off")  # the suite runs eager (tests/conftest.py)
     assert result["env_steps"] == 2 * 20 * 200
     assert result["sps"] > 0 and result["env_only_sps"] > 0 and result["peak_rss_mb"] > 0
     # In-process envs: no child lives through the run, so the peak is this process's own

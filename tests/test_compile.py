@@ -23,8 +23,22 @@ from train.config import Config, load_config
 B = 256  # mini-batch size of the loss checks
 
 
+@pytest.fixture(scope="module")
+def toolchain():
+    """Skip where torch.compile cannot build CPU kernels at all (no C++ compiler or Python
+    headers): a property of the machine, checked on a function of its own."""
+    with torch._dynamo.config.patch(disable=False):
+        try:
+            torch.compile(lambda x: (x.relu() + 1.0).sum(), dynamic=False)(torch.randn(8))
+        except Exception as exc:  # noqa: BLE001
+            pytest.skip(f"torch.compile cannot build kernels on this machine: {type(exc).__name__}: "
+                        f"{(str(exc).strip().splitlines() or [''])[0][:200]}")
+        finally:
+            torch._dynamo.reset()
+
+
 @pytest.fixture
-def compiling():
+def compiling(toolchain):
     with torch._dynamo.config.patch(disable=False):
         torch._dynamo.reset()
         counters.clear()

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch._dynamo.config
 
 
 def _peak_kib(pid: int) -> int:
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     env.close()
     result = {"workload": f"{base.algo} {env.spec.name} {base.n_rollout_threads}x{base.episode_length} "
                           f"epochs={base.ppo_epoch} minibatches={base.actor_num_mini_batch} "
-                          f"hidden={base.hidden_sizes} workers={base.n_env_workers}",
+                          f"hidden={base.hidden_sizes} workers={base.n_env_workers} "
+                          f"compile={'on' if base.compiles_actor_loss and not torch._dynamo.config.disable else 'off'}",
               "iterations": known.iterations, "env_steps": total,
               "sps": round(steady_steps / steady_seconds, 1), "env_only_sps": round(env_only_sps, 1),
               "seconds": {k: round(v, 3) for k, v in phases.items()},

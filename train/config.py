@@ -137,6 +137,11 @@ class Config:
     data_chunk_length: int = 10  # length of the GRU's training sequences, with --use_recurrent_policy
 
     # ---------------------------------------------------------------------------------
+    @property
+    def compiles_actor_loss(self) -> bool:
+        """Whether ``--compile`` applies: the PPO family's feed-forward actors."""
+        return self.compile and self.algo != "hatrpo" and not self.use_recurrent_policy
+
     def validate(self) -> "Config":
         if self.algo not in ALGORITHMS:
             raise ConfigError(f"--algo must be one of {', '.join(ALGORITHMS)}; got {self.algo!r}")
