@@ -158,16 +158,23 @@ class MaybeCompiled:
     shapes are fixed, so one graph serves every actor of the same shape.
     """
 
+    fell_back = False  # some compiled function of this process failed and runs plain
+
     def __init__(self, fn, enabled: bool):
         self.fn = fn
         self.compiled = None
         if enabled:
+            import torch._functorch.config
             import torch._inductor.config
 
             # Compile in this process: by default inductor starts a pool of compile workers
             # (one per core on a big machine) that outlive the compile, each a few hundred MB,
             # for graphs this small.
             torch._inductor.config.compile_threads = 1
+            # Compile the backward graph with the forward, inside the call below: by default
+            # it is compiled at the first backward(), where a compiler failure would escape
+            # the fall-back and stop the run.
+            torch._functorch.config.force_non_lazy_backward_lowering = True
             self.compiled = torch.compile(fn, dynamic=False)
 
     def __call__(self, *args):
@@ -176,10 +183,12 @@ class MaybeCompiled:
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001 - decided by the plain call below
                 out = self.fn(*args)
-                reason = (str(exc).strip().splitlines() or [""])[0][:200]
-                print(f"warning: --compile: torch.compile failed ({type(exc).__name__}: {reason}); "
+                cause = getattr(exc, "inner_exception", None) or exc  # dynamo wraps backend errors
+                reason = next((line for line in str(cause).splitlines() if line.strip()), "")[:200]
+                print(f"warning: --compile: torch.compile failed ({type(cause).__name__}: {reason.strip()}); "
                       "continuing without it (--no-compile skips the attempt)", file=sys.stderr, flush=True)
                 self.compiled = None
+                MaybeCompiled.fell_back = True
                 return out
         return self.fn(*args)
 

@@ -121,18 +121,53 @@ def test_compiled_training_runs_repeat_and_resume_exactly(compiling, tmp_path, c
     assert len(a) == 3 and a == trained(tmp_path / "b") == trained(tmp_path / "c")
 
 
+def test_a_failure_compiling_the_backward_falls_back_too(compiling, monkeypatch, capsys):
+    """AOT autograd compiles the backward graph at the first backward() unless told to
+    compile it with the forward; a compiler failure there escaped the fall-back (the run
+    stopped in its first update)."""
+    import torch._functorch.config
+    import torch._inductor.compile_fx as compile_fx
+    import torch._inductor.config
+
+    real_compile_fx, real_inner = compile_fx.compile_fx, compile_fx.compile_fx_inner
+
+    def inner(gm, example_inputs, **kwargs):
+        if kwargs.get("is_backward"):
+            raise RuntimeError("simulated C++ compiler failure on the backward graph")
+        return real_inner(gm, example_inputs, **kwargs)
+
+    monkeypatch.setattr(compile_fx, "compile_fx",
+                        lambda gm, example_inputs, **kw: real_compile_fx(gm, example_inputs, inner_compile=inner, **kw))
+    monkeypatch.setattr(MaybeCompiled, "fell_back", False)
+    spec = AgentSpec(7, "discrete", 4)
+    torch.manual_seed(0)
+    actor = Actor(spec, Config(hidden_sizes=[8]))
+    inputs = loss_inputs(spec, seed=3)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        compiled = MaybeCompiled(minibatch_loss, enabled=True)
+        loss, _, grads = loss_and_grads(compiled, actor, inputs)
+    err = capsys.readouterr().err
+    assert err.count("warning: --compile: torch.compile failed") == 1, err
+    assert "simulated C++ compiler failure on the backward graph" in err
+    assert compiled.compiled is None and MaybeCompiled.fell_back
+    plain_loss, _, plain_grads = loss_and_grads(minibatch_loss, actor, inputs)
+    assert torch.equal(loss, plain_loss) and all(torch.equal(a, b) for a, b in zip(grads, plain_grads))
+
+
 def test_failed_compile_warns_once_and_continues_plain(monkeypatch, capsys):
     def broken(*args):
         raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    monkeypatch.setattr(MaybeCompiled, "fell_back", False)
     fn = MaybeCompiled(lambda x: x * 2, enabled=True)
     assert fn(3) == 6
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("warning: --compile: torch.compile failed (")
     assert "no working C++ compiler found" in err and "continuing without it" in err
     assert fn(4) == 8 and capsys.readouterr().err == ""  # plain from now on
-    assert fn.compiled is None
+    assert fn.compiled is None and MaybeCompiled.fell_back  # train.bench reports compile=off
 
 
 def test_an_error_of_the_loss_itself_is_raised_not_hidden(monkeypatch, capsys):
@@ -153,6 +188,31 @@ def test_compile_flag(capsys):
     assert "warning: --compile has no effect here: it compiles the PPO family's actor loss" in capsys.readouterr().err
     load_config(["--env", "smax", "--map_name", "3m", "--use_recurrent_policy", "--compile"])
     assert "warning: --compile has no effect here: it compiles feed-forward actors only" in capsys.readouterr().err
+    load_config(["--env", "smax", "--map_name", "3m", "--algo", "hatrpo", "--no-compile"])
+    assert capsys.readouterr().err == ""  # nothing compiles, as asked
+
+
+def test_compile_may_change_on_resume_and_older_runs_resume_plain(tmp_path, capsys):
+    """--compile is a runtime setting (like --torch_threads): --no-compile is the way out of
+    a machine whose compiler fails. A run saved before the flag existed trained uncompiled
+    and resumes so."""
+    pytest.importorskip("gymnasium_robotics")
+    from train.train import main, resume_config
+    from utils.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+
+    assert main(["--env", "mamujoco", "--scenario", "HalfCheetah", "--agent_conf", "2x3",
+                 "--n_rollout_threads", "2", "--episode_length", "50", "--hidden_sizes", "8",
+                 "--ppo_epoch", "1", "--critic_epoch", "1", "--num_env_steps", "100", "--no-use_eval",
+                 "--device", "cpu", "--torch_threads", "1", "--no-progress", "--no-tensorboard",
+                 "--results_dir", str(tmp_path)]) == 0
+    run = tmp_path / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
+    assert resume_config({"resume": str(run)})[0].compile
+    assert not resume_config({"resume": str(run), "compile": False})[0].compile
+    checkpoint = load_checkpoint(checkpoint_path(run))
+    del checkpoint["config"]["compile"]  # as saved before --compile existed
+    save_checkpoint(run, checkpoint)
+    assert not resume_config({"resume": str(run)})[0].compile
+    assert resume_config({"resume": str(run), "compile": True})[0].compile
 
 
 def test_the_suite_runs_plain():

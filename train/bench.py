@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch._dynamo.config
 
+from algorithms.base import MaybeCompiled
+
 
 def _peak_kib(pid: int) -> int:
     """A live process's peak resident set size (VmHWM in /proc/<pid>/status), KiB."""
@@ -186,10 +188,12 @@ def main(argv: list[str] | None = None) -> int:
             actions = random_actions(env.spec, step, rng, env.n_envs)
     env_only_sps = total / (time.perf_counter() - t0)
     env.close()
+    # What ran: --compile, not switched off by TORCH_COMPILE_DISABLE, and no fall-back.
+    compiled = base.compiles_actor_loss and not torch._dynamo.config.disable and not MaybeCompiled.fell_back
     result = {"workload": f"{base.algo} {env.spec.name} {base.n_rollout_threads}x{base.episode_length} "
                           f"epochs={base.ppo_epoch} minibatches={base.actor_num_mini_batch} "
                           f"hidden={base.hidden_sizes} workers={base.n_env_workers} "
-                          f"compile={'on' if base.compiles_actor_loss and not torch._dynamo.config.disable else 'off'}",
+                          f"compile={'on' if compiled else 'off'}",
               "iterations": known.iterations, "env_steps": total,
               "sps": round(steady_steps / steady_seconds, 1), "env_only_sps": round(env_only_sps, 1),
               "seconds": {k: round(v, 3) for k, v in phases.items()},

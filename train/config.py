@@ -227,7 +227,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 # Not --n_env_workers: a checkpoint holds the environments' state split over its workers.
 RUNTIME_FIELDS = ("resume", "results_dir", "device", "torch_threads",
                   "progress", "wandb", "tensorboard", "max_env_restarts", "env_worker_timeout",
-                  "num_env_steps", "parallel_critic")
+                  "num_env_steps", "parallel_critic", "compile")
 
 
 def _coerce_int(value: Any) -> int:
@@ -616,7 +616,8 @@ def unused_flags(config: Config, given: Any) -> dict[str, str]:
            if not config.use_eval else {}),
         **({"clip_param": "--algo hatrpo reads it only as the value clip of --use_clipped_value_loss"}
            if not ppo and not config.use_clipped_value_loss else {}),
-        **({"compile": "it compiles the PPO family's actor loss; HATRPO's Fisher-vector products "
+        **({} if not config.compile else  # --no-compile: nothing compiles, as asked
+           {"compile": "it compiles the PPO family's actor loss; HATRPO's Fisher-vector products "
                        "need double backward, which compiled graphs do not give"} if not ppo else
            {"compile": "it compiles feed-forward actors only (the GRU's loop over steps is not)"}
            if config.use_recurrent_policy else {}),

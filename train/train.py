@@ -60,7 +60,8 @@ def resume_config(flags: dict) -> tuple[Config, dict]:
     checkpoint = None
     if not checkpoint_path(run_dir).exists() and (run_dir / "config.yaml").exists():
         # Stopped before its first checkpoint: nothing was kept, start it again from its config.
-        saved = config_from_dict(read_yaml(run_dir / "config.yaml"), f"{run_dir}/config.yaml")
+        saved_values = read_yaml(run_dir / "config.yaml")
+        saved = config_from_dict(saved_values, f"{run_dir}/config.yaml")
         lost = saved_checkpoint_evidence(run_dir, saved)
         if lost:  # starting over would wipe metrics.csv of a run that did have a checkpoint
             raise ConfigError(f"--resume {run_dir}: {checkpoint_path(run_dir).relative_to(run_dir)} is missing, "
@@ -71,7 +72,10 @@ def resume_config(flags: dict) -> tuple[Config, dict]:
             checkpoint = load_checkpoint(run_dir)
         except CheckpointError as exc:
             raise ConfigError(f"--resume {run_dir}: {exc}") from None
-        saved = config_from_dict(checkpoint["config"], f"{run_dir}/checkpoints")
+        saved_values = checkpoint["config"]
+        saved = config_from_dict(saved_values, f"{run_dir}/checkpoints")
+    if isinstance(saved_values, dict) and "compile" not in saved_values:
+        saved = dataclasses.replace(saved, compile=False)  # saved before --compile existed: trained eager
     overrides = {}
     for key, value in config_from_dict({k: v for k, v in flags.items()}, "command line").to_dict().items():
         if key not in flags:
