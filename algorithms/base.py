@@ -149,6 +149,14 @@ def first_hidden(hidden: torch.Tensor | None, rows: Rows | None) -> torch.Tensor
     return hidden[rows.t[0], rows.b]
 
 
+def compile_failure(exc: BaseException) -> str:
+    """One line naming why torch.compile failed: dynamo wraps a backend's error (whose own
+    message starts with an empty line), so name the wrapped one."""
+    cause = getattr(exc, "inner_exception", None) or exc
+    reason = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    return f"{type(cause).__name__}: {reason[:200]}"
+
+
 class MaybeCompiled:
     """``fn`` run through ``torch.compile`` when ``enabled`` (``--compile``), else as it is.
 
@@ -183,9 +191,7 @@ class MaybeCompiled:
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001 - decided by the plain call below
                 out = self.fn(*args)
-                cause = getattr(exc, "inner_exception", None) or exc  # dynamo wraps backend errors
-                reason = next((line for line in str(cause).splitlines() if line.strip()), "")[:200]
-                print(f"warning: --compile: torch.compile failed ({type(cause).__name__}: {reason.strip()}); "
+                print(f"warning: --compile: torch.compile failed ({compile_failure(exc)}); "
                       "continuing without it (--no-compile skips the attempt)", file=sys.stderr, flush=True)
                 self.compiled = None
                 MaybeCompiled.fell_back = True

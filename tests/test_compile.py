@@ -14,7 +14,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from algorithms.base import MaybeCompiled
+from algorithms.base import MaybeCompiled, compile_failure
 from algorithms.happo import minibatch_loss
 from algorithms.networks import Actor
 from envs.base import AgentSpec
@@ -31,8 +31,7 @@ def toolchain():
         try:
             torch.compile(lambda x: (x.relu() + 1.0).sum(), dynamic=False)(torch.randn(8))
         except Exception as exc:  # noqa: BLE001
-            pytest.skip(f"torch.compile cannot build kernels on this machine: {type(exc).__name__}: "
-                        f"{(str(exc).strip().splitlines() or [''])[0][:200]}")
+            pytest.skip(f"torch.compile cannot build kernels on this machine: {compile_failure(exc)}")
         finally:
             torch._dynamo.reset()
 

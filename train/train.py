@@ -74,7 +74,7 @@ def resume_config(flags: dict) -> tuple[Config, dict]:
             raise ConfigError(f"--resume {run_dir}: {exc}") from None
         saved_values = checkpoint["config"]
         saved = config_from_dict(saved_values, f"{run_dir}/checkpoints")
-    if isinstance(saved_values, dict) and "compile" not in saved_values:
+    if "compile" not in saved_values:
         saved = dataclasses.replace(saved, compile=False)  # saved before --compile existed: trained eager
     overrides = {}
     for key, value in config_from_dict({k: v for k, v in flags.items()}, "command line").to_dict().items():
