@@ -1,11 +1,23 @@
 """Multi-Agent MuJoCo (Farama ``gymnasium-robotics`` ``mamujoco_v1``), vectorised in-process.
 
 The PettingZoo wrapper is used to build each task and its agent factorisation; stepping
-goes straight to the underlying single-agent MuJoCo env, and local observations are
-gathered from the global state with one fancy-index per agent over all envs at once
-(``observation_factorization``). Where that index map does not reproduce the wrapper's
-observations exactly (checked at construction, e.g. Walker2d clips velocities), the
-wrapper's own per-agent observation builder is used instead.
+goes straight to the underlying single-agent MuJoCo env.
+
+Two observation settings (``obs_mode``):
+
+* ``local``: each agent sees its own joints and those up to ``agent_obsk`` hops away,
+  gathered from the simulator's observation with one fancy-index per agent over all envs
+  at once (``observation_factorization``). Where that index map does not reproduce the
+  wrapper's observations exactly (checked at construction, e.g. Walker2d clips
+  velocities), the wrapper's own per-agent observation builder is used instead.
+* ``global``: the setting of every published HAPPO / HATRPO MaMuJoCo curve: each agent sees
+  the simulator's full observation followed by a one-hot agent id; with ``standardise``,
+  each agent's vector (and the critic's state) is standardised by its own mean and
+  standard deviation over its entries, as the published code does.
+
+Besides the library's partitions, ``<n>x1`` with ``n`` the number of actuators (Humanoid
+17x1, Walker2d 6x1, Ant 8x1) gives one agent per actuator, built from the library's own
+joint graph (``per_actuator_factorization``).
 """
 from __future__ import annotations
 
@@ -63,6 +75,44 @@ def _import_mamujoco():
     return mamujoco_v1
 
 
+OBS_MODES = ("local", "global")
+# Partitions tried when listing what the library knows for a body (it keeps no list).
+LIBRARY_PARTITIONS = ("2x1", "2x3", "6x1", "2x4", "2x4d", "4x2", "3x1", "9|8", "3p")
+
+
+def _library_partition(scenario: str, agent_conf: str):
+    """The library's (partition, edges, globals) for a partition name, or None."""
+    from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
+
+    try:
+        return get_parts_and_edges(scenario, agent_conf)
+    except Exception:  # the library raises bare Exceptions for unknown partitions
+        return None
+
+
+def per_actuator_factorization(scenario: str, agent_conf: str) -> dict[str, Any] | None:
+    """``agent_factorization`` with one agent per actuator when ``agent_conf`` is
+    ``<actuators>x1`` and the library has no partition of that name; else None.
+
+    The joint graph (nodes, hyper-edges, global nodes) is the library's own, taken from
+    any partition it defines for the body; agents are ordered by actuator index."""
+    if scenario.startswith("ManySegment") or not agent_conf.endswith("x1"):
+        return None
+    if _library_partition(scenario, agent_conf) is not None:
+        return None
+    for name in LIBRARY_PARTITIONS:
+        graph = _library_partition(scenario, name)
+        if graph is not None:
+            break
+    else:
+        return None
+    parts, edges, global_nodes = graph
+    nodes = sorted((node for part in parts for node in part), key=lambda node: node.act_ids)
+    if agent_conf != f"{len(nodes)}x1":
+        return None
+    return {"partition": [(node,) for node in nodes], "edges": edges, "globals": global_nodes}
+
+
 def check_task(values: dict[str, Any]) -> None:
     scenario, agent_conf = values["scenario"], str(values["agent_conf"])
     if scenario in BROKEN:
@@ -79,19 +129,17 @@ def check_task(values: dict[str, Any]) -> None:
                               f"(agents x segments); got {agent_conf!r}")
         return
     _import_mamujoco()
-    from gymnasium_robotics.envs.multiagent_mujoco.obsk import get_parts_and_edges
 
     def known(conf: str) -> bool:
-        try:
-            get_parts_and_edges(scenario, conf)
-            return True
-        except Exception:  # the library raises bare Exceptions for unknown partitions
-            return False
+        return _library_partition(scenario, conf) is not None
 
-    if not known(agent_conf):
+    if not known(agent_conf) and per_actuator_factorization(scenario, agent_conf) is None:
         # The library has no list of partitions: try the ones it defines for some body.
         # (Every scenario offered has one of them; those without a partition are in BROKEN.)
-        valid = [c for c in ("2x1", "2x3", "6x1", "2x4", "2x4d", "4x2", "3x1", "9|8", "3p") if known(c)]
+        valid = [c for c in LIBRARY_PARTITIONS if known(c)]
+        actuators = sum(len(part) for part in _library_partition(scenario, valid[0])[0])
+        if f"{actuators}x1" not in valid:  # one agent per actuator
+            valid.append(f"{actuators}x1")
         raise ConfigError(f"--agent_conf {agent_conf!r} is not a partition MaMuJoCo knows for "
                           f"{scenario} (known: {', '.join(valid)})")
 
@@ -100,11 +148,18 @@ class MaMuJoCoVecEnv(VecEnv):
     """``n_envs`` MaMuJoCo copies stepped in this process. See ``envs.base``."""
 
     def __init__(self, scenario: str, agent_conf: str, agent_obsk: int, n_envs: int,
-                 seed: int, render_mode: str | None = None, **env_kwargs):
+                 seed: int, render_mode: str | None = None, obs_mode: str = "local",
+                 standardise: bool = False, **env_kwargs):
         mamujoco_v1 = _import_mamujoco()
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode must be one of {', '.join(OBS_MODES)}; got {obs_mode!r}")
         self.n_envs = n_envs
         self._seed = seed
+        self._global_obs = obs_mode == "global"
+        self._standardise = standardise and self._global_obs
+        agents_of_actuators = per_actuator_factorization(scenario, agent_conf)
         self._make = lambda: mamujoco_v1.parallel_env(scenario, agent_conf, agent_obsk=agent_obsk,
+                                                      agent_factorization=agents_of_actuators,
                                                       render_mode=render_mode, **env_kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -124,9 +179,12 @@ class MaMuJoCoVecEnv(VecEnv):
         factorization = first.observation_factorization
         self._obs_index = None if factorization is None else [np.asarray(factorization[a]) for a in agents]
         self._fast_obs = factorization is not None and self._index_map_matches(self._make)
-        obs_dims = [int(first.observation_space(a).shape[0]) for a in agents]
         act_dims = [int(first.action_space(a).shape[0]) for a in agents]
         state_dim = int(first.state().shape[0])
+        if self._global_obs:  # the simulator's observation, then a one-hot agent id
+            obs_dims = [state_dim + len(agents)] * len(agents)
+        else:
+            obs_dims = [int(first.observation_space(a).shape[0]) for a in agents]
         self.spec = EnvSpec(
             name=f"mamujoco/{scenario}-{agent_conf}",
             agents=tuple(AgentSpec(o, "continuous", a, float(global_space.low[0]), float(global_space.high[0]))
@@ -135,6 +193,13 @@ class MaMuJoCoVecEnv(VecEnv):
         # Buffers reused every step (EnvStep arrays are views of these).
         E = n_envs
         self._buf = StepBuffers(self.spec, E)  # EnvStep arrays (views)
+        # The simulator's observations. In the local setting unstandardised, they are the
+        # critic's state itself; otherwise state and agent observations are made from them.
+        if self._standardise:
+            self._sim_obs = np.zeros_like(self._buf.state)
+            self._final_sim_obs = np.zeros_like(self._buf.final_state)
+        else:
+            self._sim_obs, self._final_sim_obs = self._buf.state, self._buf.final_state
         self._joint_action = np.zeros((E, len(self._act_perm)), np.float64)
         self._global_action = np.zeros((E, len(self._act_perm)), np.float64)
         self._elapsed = np.zeros(E, np.int64)
@@ -164,7 +229,44 @@ class MaMuJoCoVecEnv(VecEnv):
             probe.close()
 
     # -- observation assembly -------------------------------------------------------------
-    def _fill_obs(self, states: np.ndarray, out: list[np.ndarray], rows=None, from_env=False) -> None:
+    def _observe(self, final: bool = False, rows=None) -> None:
+        """Fill the critic's state and the agents' observations (``final``: of the episodes
+        that just ended) from the simulator's observations, for all envs or ``rows``."""
+        sim_obs = self._final_sim_obs if final else self._sim_obs
+        state = self._buf.final_state if final else self._buf.state
+        obs = self._buf.final_obs if final else self._buf.obs
+        if not self._global_obs:
+            self._fill_obs(sim_obs, obs, rows=rows)
+            return
+        picked = sim_obs if rows is None else sim_obs[rows]
+        n_agents, width = len(obs), picked.shape[1]
+        body, hot, cold = picked, 1.0, 0.0
+        if self._standardise:
+            # Every agent's vector [sim_obs, one-hot id] has the same entries up to their
+            # order (one 1 and n-1 zeros after sim_obs), hence the same mean and std.
+            total = picked.sum(axis=1, dtype=np.float64)
+            squares = np.einsum("ij,ij->i", picked, picked, dtype=np.float64)
+            length = width + n_agents
+            mean = (total + 1.0) / length
+            std = np.sqrt(np.maximum((squares + 1.0) / length - mean**2, 1e-12))
+            body = (picked - mean[:, None]) / std[:, None]
+            hot, cold = ((1.0 - mean) / std)[:, None], (-mean / std)[:, None]
+            state_mean = total / width
+            state_std = np.sqrt(np.maximum(squares / width - state_mean**2, 1e-12))
+            standardised_state = (picked - state_mean[:, None]) / state_std[:, None]
+            if rows is None:
+                state[:] = standardised_state
+            else:
+                state[rows] = standardised_state
+        for agent, buf in enumerate(obs):
+            target = buf if rows is None else np.empty((len(rows), buf.shape[1]), buf.dtype)
+            target[:, :width] = body
+            target[:, width:] = cold
+            target[:, width + agent:width + agent + 1] = hot
+            if rows is not None:
+                buf[rows] = target
+
+    def _fill_obs(self, states: np.ndarray, out: list[np.ndarray], rows=None) -> None:
         if self._fast_obs:
             for idx, buf in zip(self._obs_index, out):
                 if rows is None:
@@ -188,11 +290,11 @@ class MaMuJoCoVecEnv(VecEnv):
         if seed is not None:
             self._seed = int(seed)
         for k, env in enumerate(self._raw):
-            self._buf.state[k] = env.reset(seed=self._env_seed(k))[0]
+            self._sim_obs[k] = env.reset(seed=self._env_seed(k))[0]
         self._elapsed[:] = 0
         self._episode_return[:] = 0
         self._buf.clear_flags()
-        self._fill_obs(self._buf.state, self._buf.obs)
+        self._observe()
         return self._env_step()
 
     def step(self, actions: list[np.ndarray]) -> EnvStep:
@@ -200,7 +302,6 @@ class MaMuJoCoVecEnv(VecEnv):
         self._global_action[:, self._act_perm] = self._joint_action
         np.clip(self._global_action, self._act_low, self._act_high, out=self._global_action)
         completed = []
-        slow_final = []
         for k, env in enumerate(self._raw):
             try:
                 state, reward, terminated, _, _ = env.step(self._global_action[k])
@@ -214,21 +315,20 @@ class MaMuJoCoVecEnv(VecEnv):
             self._buf.terminated[k] = terminated
             self._buf.truncated[k] = truncated
             if terminated or truncated:
-                self._buf.final_state[k] = state
-                if self._fast_obs:
-                    pass  # filled below from _final_state in one gather
-                else:
-                    slow_final.append(k)
+                self._final_sim_obs[k] = state
+                if not self._fast_obs and not self._global_obs:  # the wrapper's, before the reset
                     self._fill_obs(None, self._buf.final_obs, rows=[k])
                 completed.append({"env": k, "return": float(self._episode_return[k]),
                                   "length": int(self._elapsed[k])})
                 self._elapsed[k] = 0
                 self._episode_return[k] = 0.0
                 state = env.reset()[0]
-            self._buf.state[k] = state
-        if completed and self._fast_obs:
-            self._fill_obs(self._buf.final_state, self._buf.final_obs, rows=[c["env"] for c in completed])
-        self._fill_obs(self._buf.state, self._buf.obs)
+            self._sim_obs[k] = state
+        if completed:  # one gather for all episodes that ended
+            rows = [c["env"] for c in completed]
+            if self._global_obs or self._fast_obs:
+                self._observe(final=True, rows=rows)
+        self._observe()
         out = self._env_step()
         out.completed = completed
         return out
@@ -245,7 +345,8 @@ class MaMuJoCoVecEnv(VecEnv):
         return {"physics": physics, "rng": [env.np_random.bit_generator.state for env in self._raw],
                 "elapsed": self._elapsed.copy(), "episode_return": self._episode_return.copy(),
                 "restarts": self._restarts.copy(), "seed": self._seed,
-                "state": self._buf.state.copy(), "obs": [o.copy() for o in self._buf.obs]}
+                "state": self._buf.state.copy(), "sim_obs": self._sim_obs.copy(),
+                "obs": [o.copy() for o in self._buf.obs]}
 
     def set_state(self, snapshot: dict[str, Any]) -> EnvStep:
         import mujoco
@@ -262,6 +363,7 @@ class MaMuJoCoVecEnv(VecEnv):
         self._episode_return[:] = snapshot["episode_return"]
         self._restarts[:] = snapshot["restarts"]
         self._buf.state[:] = snapshot["state"]
+        self._sim_obs[:] = snapshot.get("sim_obs", snapshot["state"])
         for buf, saved in zip(self._buf.obs, snapshot["obs"]):
             buf[:] = saved
         self._buf.clear_flags()
@@ -278,10 +380,10 @@ class MaMuJoCoVecEnv(VecEnv):
             self._ma_envs[k] = self._make()
         self._raw[k] = self._ma_envs[k].single_agent_env.unwrapped
         self._restarts[k] += 1
-        self._buf.state[k] = self._raw[k].reset(seed=self._env_seed(k))[0]
+        self._sim_obs[k] = self._raw[k].reset(seed=self._env_seed(k))[0]
         self._elapsed[k] = 0
         self._episode_return[k] = 0
-        self._fill_obs(self._buf.state, self._buf.obs)
+        self._observe()
         return self._env_step()
 
     def render(self, env_index: int = 0) -> np.ndarray:
@@ -297,4 +399,5 @@ def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False,
                  render_mode: str | None = None, **env_kwargs) -> VecEnv:
     """``env_kwargs`` go to the MuJoCo env (e.g. ``width``/``height`` for rendering)."""
     return MaMuJoCoVecEnv(config.scenario, str(config.agent_conf), config.agent_obsk, n_envs,
-                          seed=seed, render_mode=render_mode, **env_kwargs)
+                          seed=seed, render_mode=render_mode, obs_mode=config.obs_mode,
+                          standardise=config.obs_standardise, **env_kwargs)

@@ -22,7 +22,7 @@ FAMILIES = {
 
 # The flags that pick a task in each family; given for another family they would be ignored.
 TASK_FLAGS = {
-    "mamujoco": ("scenario", "agent_conf", "agent_obsk"),
+    "mamujoco": ("scenario", "agent_conf", "agent_obsk", "obs_mode"),
     "smax": ("map_name",),
     "smac": ("map_name",),
 }

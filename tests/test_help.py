@@ -20,7 +20,8 @@ from train.train import main
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = {"experiment": "seed", "environment": "num_env_steps", "optimisation": "gamma",
-            "HATRPO": "kl_threshold", "networks": "hidden_sizes"}
+            "HATRPO": "kl_threshold", "networks": "hidden_sizes",
+            "off-policy (HATD3 / HADDPG / MATD3 / MADDPG)": "polyak"}
 # Fields that once had no comment, so --help showed nothing but the flag for them.
 ONCE_UNDESCRIBED = ("seed", "results_dir", "wandb_project", "tensorboard", "num_env_steps", "use_eval",
                     "eval_episodes", "n_eval_rollout_threads", "lr", "critic_lr", "opti_eps",

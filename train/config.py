@@ -37,6 +37,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CONFIG_DIR = REPO_ROOT / "configs"
 ALGORITHMS = ("happo", "hatrpo", "mappo", "ippo")
 ACTIVATIONS = ("relu", "tanh")
+OBS_MODES = ("local", "global")
 
 
 class ConfigError(ValueError):
@@ -72,7 +73,12 @@ class Config:
     # --- environment --------------------------------------------------------------------
     scenario: str = "HalfCheetah"  # MaMuJoCo body, e.g. HalfCheetah, Ant, Walker2d
     agent_conf: str = "2x3"  # MaMuJoCo agent partition, e.g. 2x3, 6x1, 9|8
-    agent_obsk: int = 0  # MaMuJoCo: observe joints up to k hops away
+    agent_obsk: int = 0  # MaMuJoCo, --obs_mode local: observe joints up to k hops away
+    obs_mode: str = "local"  # MaMuJoCo: local = each agent sees its own joints (and --agent_obsk
+    # hops); global = each agent sees the simulator's full observation plus a one-hot agent id,
+    # the setting of the published HAPPO / HATRPO curves (docs/results.md)
+    obs_standardise: bool = False  # MaMuJoCo, --obs_mode global: standardise each agent's
+    # observation and the critic's state by its own mean and std, as the published code does
     map_name: str = "3m"  # SMAC / SMAX map
     num_env_steps: int = 10_000_000  # training budget: env steps summed over the rollout envs
     n_rollout_threads: int = 20  # environment copies per rollout, stepped together as one batch
@@ -124,6 +130,19 @@ class Config:
     backtrack_coeff: float = 0.8  # line-search trial k tries backtrack_coeff**k of the full step
     cg_iters: int = 10  # most conjugate-gradient iterations solving H x = g for the step direction
     cg_damping: float = 0.1  # damping added to the Fisher matrix: (H + cg_damping I) x = g
+
+    # --- off-policy (HATD3 / HADDPG / MATD3 / MADDPG) -------------------------------------
+    buffer_size: int = 1_000_000  # replay buffer capacity in transitions (one per env step)
+    batch_size: int = 1000  # transitions per gradient update
+    warmup_steps: int = 10_000  # env steps of uniformly random actions before learning starts
+    train_interval: int = 50  # vector env steps between training phases (one iteration)
+    update_per_train: float = 1.0  # gradient updates per vector env step of each training phase
+    polyak: float = 0.005  # target networks move this fraction towards the online ones per update
+    n_step: int = 10  # n-step TD returns; a time-limit cut bootstraps, a termination does not
+    expl_noise: float = 0.1  # std of the Gaussian exploration noise, as a fraction of the action range
+    policy_noise: float = 0.2  # TD3 target-policy smoothing noise std (fraction of the action range)
+    noise_clip: float = 0.5  # TD3 target-policy noise clip (fraction of the action range)
+    policy_freq: int = 2  # TD3: actor and target updates every policy_freq critic updates
 
     # --- networks -----------------------------------------------------------------------
     hidden_sizes: list[int] = field(default_factory=lambda: [128, 128, 128])  # actor and critic MLP widths
@@ -180,6 +199,8 @@ class Config:
                               f"got {self.exp_name!r}")
         if not self.hidden_sizes or min(self.hidden_sizes) <= 0:
             raise ConfigError(f"--hidden_sizes must be positive integers; got {self.hidden_sizes}")
+        if self.obs_mode not in OBS_MODES:
+            raise ConfigError(f"--obs_mode must be local or global; got {self.obs_mode!r}")
         if self.activation not in ACTIVATIONS:
             raise ConfigError(f"--activation must be relu or tanh; got {self.activation!r}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
@@ -397,7 +418,7 @@ def _field_docs(cls: type) -> tuple[tuple[str, tuple[str, str]], ...]:
 def _choices() -> dict[str, tuple[str, ...]]:
     from envs.registry import FAMILIES  # names only: the family modules load on first use
 
-    return {"algo": ALGORITHMS, "env": tuple(FAMILIES), "activation": ACTIVATIONS,
+    return {"algo": ALGORITHMS, "env": tuple(FAMILIES), "activation": ACTIVATIONS, "obs_mode": OBS_MODES,
             "device": ("auto", "cpu", "cuda[:N]")}
 
 
@@ -610,6 +631,8 @@ def unused_flags(config: Config, given: Any) -> dict[str, str]:
         **({name: "it applies with --use_recurrent_policy"
             for name in ("recurrent_n", "data_chunk_length")} if not config.use_recurrent_policy else {}),
         **({"wandb_project": "it applies with --wandb"} if not config.wandb else {}),
+        **({"obs_standardise": "it applies with --obs_mode global"} if config.obs_mode != "global" else
+           {"agent_obsk": "every agent sees the full observation with --obs_mode global"}),
         **({"huber_delta": "it applies with --use_huber_loss"} if not config.use_huber_loss else {}),
         **({name: "it applies with --use_eval" for name in ("eval_interval", "eval_episodes",
                                                             "n_eval_rollout_threads")}
