@@ -29,19 +29,13 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from utils.errors import STOP_SIGNALS, ConfigError  # noqa: F401  (re-exported)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Signals that stop a run with a checkpoint (exit 130): Ctrl-C, a kill or a scheduler's
-# preemption, and a closed terminal or dropped ssh session (whose default action killed the
-# run without one).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 CONFIG_DIR = REPO_ROOT / "configs"
 ALGORITHMS = ("happo", "hatrpo", "mappo", "ippo")
 ACTIVATIONS = ("relu", "tanh")
 OBS_MODES = ("local", "global")
-
-
-class ConfigError(ValueError):
-    """Bad user input. The message is one line naming the flag or file and what is valid."""
 
 
 @dataclass
