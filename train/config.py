@@ -20,7 +20,6 @@ import io
 import math
 import os
 import re
-import signal
 import sys
 import tokenize
 from dataclasses import dataclass, field
