@@ -31,7 +31,7 @@ from torch import nn
 from algorithms.networks import Actor, Critic, StackedActors
 from algorithms.value_norm import ValueNorm
 from envs.base import EnvSpec
-from train.config import ConfigError
+from utils.errors import ConfigError
 
 
 class NumericalError(RuntimeError):
@@ -49,6 +49,15 @@ class ActorBatch(NamedTuple):
     advantages: torch.Tensor  # [T, B], normalised over active samples
     starts: torch.Tensor  # [T, B] bool, obs[t] is the first of an episode
     hidden: torch.Tensor | None  # [T, B, recurrent_n, H], actor state before obs[t]
+
+
+class StepResult(NamedTuple):
+    """What an actor step hands back to the sequential loop."""
+
+    stats: dict[str, float]  # diagnostics, averaged over the step's mini-batches
+    # pi_new / pi_old of the group after the step, [T, B] (1 where inactive), when the step
+    # computed it anyway (HATRPO's accepted line-search trial); None: the loop computes it.
+    new_ratio: torch.Tensor | None = None
 
 
 class CriticBatch(NamedTuple):
@@ -202,6 +211,17 @@ class MaybeCompiled:
 class OnPolicyMARL:
     """Actors, critics and the shared update loop. Subclasses define ``actor_step``."""
 
+    family = "on-policy"  # algorithms/registry.py describes these declarations
+    action_kinds = ("continuous", "discrete")
+    # The per-algorithm settings that the critic, the networks and this loop read; each
+    # algorithm adds those of its actor step.
+    reads = frozenset({
+        "critic_lr", "opti_eps", "weight_decay", "use_linear_lr_decay", "gamma", "gae_lambda",
+        "use_proper_time_limits", "critic_epoch", "critic_num_mini_batch", "value_clip_param", "entropy_coef",
+        "value_loss_coef", "max_grad_norm", "use_huber_loss", "huber_delta", "use_clipped_value_loss",
+        "use_valuenorm", "use_policy_active_masks", "use_value_active_masks", "fixed_order", "share_param",
+        "parallel_critic", "hidden_sizes", "activation", "use_feature_normalization", "gain", "std_x_coef",
+        "std_y_coef", "use_recurrent_policy", "recurrent_n", "data_chunk_length"})
     sequential = True  # HAPPO/HATRPO: agents update one after another with the M factor
     centralised_critic = True  # V(s) on the global state; False: one V(o_i) per agent
 
@@ -211,13 +231,12 @@ class OnPolicyMARL:
         if config.share_param:
             first = spec.agents[0]
             if any(a != first for a in spec.agents):
-                from train.config import ALGORITHM_DEFAULTS
-
-                default = (f" ({config.algo}'s default)"
-                           if ALGORITHM_DEFAULTS.get(config.algo, {}).get("share_param") else "")
-                raise ConfigError(f"--share_param{default} needs every agent to have the same observation "
-                                  f"and action spaces; {spec.name} has "
-                                  f"{[(a.obs_dim, a.action_dim) for a in spec.agents]}; use --no-share_param")
+                by_default = getattr(type(self), "defaults", {}).get("share_param")
+                default = f" ({config.algo}'s default)" if by_default else ""
+                raise ConfigError(f"one network shared by all agents{default} needs every agent to have the "
+                                  f"same observation and action spaces; {spec.name} has "
+                                  f"{[(a.obs_dim, a.action_dim) for a in spec.agents]}; turn share_param off",
+                                  field="share_param")
         # Update units ("groups"): MAPPO/IPPO with shared parameters fold every agent into one
         # group (one update on all agents' data). HAPPO/HATRPO keep one update per agent (random
         # order, M factor) even when the agents share one network, as the reference
@@ -269,7 +288,6 @@ class OnPolicyMARL:
         self.stackable = (len(self.act_units) > 1 and not config.use_recurrent_policy
                           and all(a == spec.agents[0] for a in spec.agents))
         self._stacked: StackedActors | None = None
-        self.ratio_after_step: torch.Tensor | None = None  # see train()
 
     @property
     def n_critics(self) -> int:
@@ -459,7 +477,8 @@ class OnPolicyMARL:
         for position, g in enumerate(order):
             batch = self.actor_batch(int(g), buf, advantages)
             weight = M if use_M else torch.ones_like(batch.old_log_probs)
-            group_stats = self.actor_step(int(g), batch, weight)
+            step = self.actor_step(int(g), batch, weight)
+            group_stats = dict(step.stats)
             self.check_finite_params(self.actors[g], self.label(g))
             if use_M:
                 group_stats["M_mean"] = float(M.mean())
@@ -467,11 +486,10 @@ class OnPolicyMARL:
                 group_stats["M_min"] = float(M.min())
                 group_stats["M_max"] = float(M.max())
                 group_stats["order"] = float(position)
-                # Detached: later agents see a constant. An actor step may leave the ratio
-                # it already computed (HATRPO's accepted line-search trial) to save a pass.
-                ratio = self.ratio_after_step if self.ratio_after_step is not None else self.new_ratio(g, batch)
+                # Detached: later agents see a constant. A step that already computed the
+                # ratio (HATRPO's accepted line-search trial) saves the pass here.
+                ratio = step.new_ratio if step.new_ratio is not None else self.new_ratio(g, batch)
                 M = M * ratio.detach()
-            self.ratio_after_step = None
             for key, value in group_stats.items():
                 stats[f"{self.label(g)}/{key}"] = value
         # A deferred update reports with the next iteration; the first one runs at once so
@@ -499,7 +517,8 @@ class OnPolicyMARL:
         group = self.groups[g]
         return f"agent{group[0]}" if len(group) == 1 else "shared"
 
-    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
+    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> StepResult:
+        """Update group ``g``'s actor on ``batch`` with the M factor ``M`` [T, B]."""
         raise NotImplementedError
 
     def critic_batches(self, buf, returns: torch.Tensor, copy: bool = False) -> list[CriticBatch]:
@@ -537,7 +556,7 @@ class OnPolicyMARL:
 
         loss = elementwise(error)
         if cfg.use_clipped_value_loss:
-            clipped = old_values + (values - old_values).clamp(-cfg.clip_param, cfg.clip_param)
+            clipped = old_values + (values - old_values).clamp(-cfg.value_clip, cfg.value_clip)
             loss = torch.max(loss, elementwise(targets - clipped))
         return masked_mean(loss, mask)
 

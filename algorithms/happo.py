@@ -15,7 +15,8 @@ from collections import defaultdict
 
 import torch
 
-from algorithms.base import ActorBatch, MaybeCompiled, OnPolicyMARL, first_hidden, masked_mean, minibatches, take
+from algorithms.base import (ActorBatch, MaybeCompiled, OnPolicyMARL, StepResult, first_hidden, masked_mean,
+                             minibatches, take)
 
 
 def happo_loss(log_probs, old_log_probs, advantages, M, active, entropy, clip_param: float,
@@ -46,13 +47,17 @@ def minibatch_loss(actor, obs, actions, hidden, starts, avail, old_log_probs, ad
 
 
 class HAPPO(OnPolicyMARL):
+    name = "happo"
+    defaults = {}
+    reads = OnPolicyMARL.reads | {"lr", "ppo_epoch", "actor_num_mini_batch", "clip_param"}
+    compiles_actor_loss = True
     sequential = True
 
     def __init__(self, config, spec, device):
         super().__init__(config, spec, device)
         self.minibatch_loss = MaybeCompiled(minibatch_loss, config.compiles_actor_loss)
 
-    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
+    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> StepResult:
         """``ppo_epoch`` epochs of clipped updates of actor ``g``; M [T, B]."""
         cfg = self.config
         actor, optim = self.actors[g], self.actor_optims[g]
@@ -70,4 +75,4 @@ class HAPPO(OnPolicyMARL):
                 for key, value in info.items():
                     sums[key].append(value)
         # Averaged over every mini-batch of every epoch, not just the last one.
-        return {key: float(torch.stack(values).mean()) for key, values in sums.items()}
+        return StepResult({key: float(torch.stack(values).mean()) for key, values in sums.items()})

@@ -12,7 +12,7 @@ whose KL is below delta and whose improvement is positive and at least ``accept_
 of the linear prediction; otherwise the old parameters are restored.
 
 c_ent is ``--entropy_coef``. The paper's objective has no entropy term, and HATRPO's
-default is 0 (``train/config.py``, ALGORITHM_DEFAULTS); a bonus keeps a discrete policy
+default is 0 (``HATRPO.defaults``); a bonus keeps a discrete policy
 from turning deterministic within a few hundred KL-bounded steps (SMAX 3m,
 ``configs/smax/3m.yaml``). The KL bound, the line search and the improvement check all
 apply to L as written.
@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import torch
 
-from algorithms.base import ActorBatch, NumericalError, OnPolicyMARL, first_hidden, masked_mean
+from algorithms.base import ActorBatch, NumericalError, OnPolicyMARL, StepResult, first_hidden, masked_mean
 from algorithms.trust_region import (conjugate_gradient, flat_grad, flat_params, gauss_newton_fvp_fn,
                                      set_flat_params)
 
 
 class HATRPO(OnPolicyMARL):
+    name = "hatrpo"
+    # The paper's objective has no entropy term (the PPO family's reference default is 0.01).
+    defaults = {"entropy_coef": 0.0}
+    reads = OnPolicyMARL.reads | {"kl_threshold", "ls_step", "accept_ratio", "backtrack_coeff", "cg_iters",
+                                  "cg_damping"}
+    # Its Fisher-vector products need double backward, which compiled graphs do not give.
+    compiles_actor_loss = False
     sequential = True
 
-    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> dict[str, float]:
+    def actor_step(self, g: int, batch: ActorBatch, M: torch.Tensor) -> StepResult:
         cfg = self.config
         actor = self.actors[g]
         params = [p for p in actor.parameters() if p.requires_grad]
@@ -48,7 +55,7 @@ class HATRPO(OnPolicyMARL):
             return masked_mean(actor.head.kl(old_dist, new_dist), batch.active)
 
         # Until a step is accepted the policy is unchanged: its ratio for M is exactly 1.
-        self.ratio_after_step = torch.ones_like(batch.old_log_probs)
+        unchanged = torch.ones_like(batch.old_log_probs)
         surrogate, entropy, dist, _ = evaluate()
         old_dist = type(dist)(*(None if t is None else t.detach() for t in dist))
         who = self.label(g)
@@ -61,7 +68,7 @@ class HATRPO(OnPolicyMARL):
                  "grad_norm": float(grad.norm()), "kl": 0.0, "kl_max": 0.0, "accepted": 0.0, "ls_steps": 0.0,
                  "improvement": 0.0, "expected_improvement": 0.0}
         if float(grad.norm()) < 1e-10:
-            return stats  # nothing to improve (e.g. every sample inactive)
+            return StepResult(stats, unchanged)  # nothing to improve (e.g. every sample inactive)
         fvp = self.fisher_vector_product(actor, dist, old_dist, batch.active, params)
         step_dir = conjugate_gradient(fvp, grad, iters=cfg.cg_iters)
         shs = 0.5 * step_dir.dot(fvp(step_dir))
@@ -83,10 +90,9 @@ class HATRPO(OnPolicyMARL):
                         and improvement / (expected * fraction) > cfg.accept_ratio):
                     stats.update(kl=kl, kl_max=kl, accepted=1.0, improvement=improvement)
                     # The accepted trial's forward pass already gives M's next factor.
-                    self.ratio_after_step = torch.where(batch.active, new_ratio, torch.ones_like(new_ratio))
-                    return stats
+                    return StepResult(stats, torch.where(batch.active, new_ratio, unchanged))
             set_flat_params(params, old_params)  # no acceptable step: keep the old policy
-        return stats
+        return StepResult(stats, unchanged)
 
     def fisher_vector_product(self, actor, dist, old_dist, active, params):
         """v -> (H + damping I) v, H the Hessian of the mean KL at the old parameters.
@@ -95,7 +101,7 @@ class HATRPO(OnPolicyMARL):
         the same matrix as differentiating the KL twice, for about half the work per
         product (tests/test_algorithm_math.py checks it against the explicit Hessian).
         """
-        per_sample = active.to(dist.a.dtype) / active.sum().clamp(min=1)  # the masked mean's weights
+        per_sample = active.to(dist[0].dtype) / active.sum().clamp(min=1)  # the masked mean's weights
         outputs, weights = [], []
         for output, weight in zip(dist, actor.head.fisher_weights(old_dist)):
             if weight is not None and output.requires_grad:

@@ -4,5 +4,7 @@ from algorithms.happo import HAPPO
 
 
 class IPPO(HAPPO):
+    name = "ippo"
+    defaults = {"share_param": True}  # as MAPPO
     sequential = False
     centralised_critic = False

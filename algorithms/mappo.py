@@ -5,4 +5,7 @@ from algorithms.happo import HAPPO
 
 
 class MAPPO(HAPPO):
+    name = "mappo"
+    # The shared-parameter baseline of Yu et al. 2022; unequal agents need --no-share_param.
+    defaults = {"share_param": True}
     sequential = False

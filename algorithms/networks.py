@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from algorithms.distributions import CategoricalHead, DistParams, GaussianHead
+from algorithms.distributions import CategoricalHead, DistParams, GaussianHead, GaussianParams
 from envs.base import AgentSpec
 
 
@@ -159,7 +159,7 @@ class StackedActors:
                 h = op[1](h)
         out = torch.baddbmm(self.out[1], h, self.out[0])
         if isinstance(self.head, GaussianHead):
-            params = DistParams(out, self.std.expand_as(out))
+            params = GaussianParams(out, self.std.expand_as(out))
         else:
             params = CategoricalHead.from_logits(out, avail)
         actions = self.head.sample(params, deterministic)

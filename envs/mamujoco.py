@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
-from train.config import ConfigError
+from utils.errors import ConfigError
 
 SCENARIOS = ("Ant", "HalfCheetah", "Hopper", "HumanoidStandup", "Humanoid", "Reacher", "Swimmer",
              "Pusher", "Walker2d", "ManySegmentSwimmer", "ManySegmentAnt")
@@ -116,17 +116,18 @@ def per_actuator_factorization(scenario: str, agent_conf: str) -> dict[str, Any]
 def check_task(values: dict[str, Any]) -> None:
     scenario, agent_conf = values["scenario"], str(values["agent_conf"])
     if scenario in BROKEN:
-        raise ConfigError(f"--scenario {scenario} is not supported: {BROKEN[scenario]}")
+        raise ConfigError(f"{scenario} is not supported: {BROKEN[scenario]}", field="scenario", value=scenario)
     if scenario not in SCENARIOS:
-        raise ConfigError(f"--scenario must be one of {', '.join(SCENARIOS)}; got {scenario!r}")
+        raise ConfigError(f"unknown MaMuJoCo scenario {scenario!r} (known: {', '.join(SCENARIOS)})",
+                          field="scenario")
     if scenario.startswith("ManySegment"):
         parts = agent_conf.split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise ConfigError(f"--agent_conf for {scenario} must look like <agents>x<segments>, "
-                              f"e.g. 10x2; got {agent_conf!r}")
+            raise ConfigError(f"{scenario}'s partitions look like <agents>x<segments>, e.g. 10x2; "
+                              f"got {agent_conf!r}", field="agent_conf")
         if int(parts[0]) * int(parts[1]) < 2:  # the library's XML then repeats a joint name
-            raise ConfigError(f"--agent_conf for {scenario} needs at least 2 segments in all "
-                              f"(agents x segments); got {agent_conf!r}")
+            raise ConfigError(f"{scenario} needs at least 2 segments in all (agents x segments); "
+                              f"got {agent_conf!r}", field="agent_conf")
         return
     _import_mamujoco()
 
@@ -140,8 +141,8 @@ def check_task(values: dict[str, Any]) -> None:
         actuators = sum(len(part) for part in _library_partition(scenario, valid[0])[0])
         if f"{actuators}x1" not in valid:  # one agent per actuator
             valid.append(f"{actuators}x1")
-        raise ConfigError(f"--agent_conf {agent_conf!r} is not a partition MaMuJoCo knows for "
-                          f"{scenario} (known: {', '.join(valid)})")
+        raise ConfigError(f"{scenario} has no partition {agent_conf!r} (known: {', '.join(valid)})",
+                          field="agent_conf")
 
 
 class MaMuJoCoVecEnv(VecEnv):

@@ -11,7 +11,8 @@ import functools
 import importlib
 from typing import Any
 
-from train.config import ConfigError
+from envs.workers import WorkerVecEnv
+from utils.errors import ConfigError
 
 FAMILIES = {
     "mamujoco": "envs.mamujoco",
@@ -43,7 +44,8 @@ def family(name: str):
     if name not in FAMILIES:
         close = difflib.get_close_matches(str(name), FAMILIES, n=1, cutoff=0.6)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise ConfigError(f"--env must be one of {', '.join(FAMILIES)}; got {name!r}{hint}")
+        raise ConfigError(f"unknown environment family {name!r} (known: {', '.join(FAMILIES)}){hint}",
+                          field="env")
     return importlib.import_module(FAMILIES[name])
 
 
@@ -70,8 +72,6 @@ def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False, **kwa
     """
     workers = getattr(config, "n_env_workers", 1)
     if workers > 1 and not evaluation and not kwargs:
-        from envs.workers import WorkerVecEnv
-
         return WorkerVecEnv(functools.partial(_make_in_process, config), n_envs, workers, seed,
                             timeout=getattr(config, "env_worker_timeout", 0.0))
     return _make_in_process(config, n_envs, seed, evaluation, **kwargs)

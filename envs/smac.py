@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 
 from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
-from train.config import ConfigError
+from utils.errors import ConfigError
 
 
 def task_name(values: dict[str, Any]) -> str:
@@ -52,8 +52,8 @@ def sc2_path() -> Path:
 
 
 def _install_hint(problem: str) -> str:
-    return (f"--env smac needs StarCraft II and oxwhirl's smac package: {problem}; run "
-            "`bash install_sc2.sh` (then export SC2PATH), or use --env smax, which runs "
+    return (f"SMAC needs StarCraft II and oxwhirl's smac package: {problem}; run "
+            "`bash install_sc2.sh` (then export SC2PATH), or use SMAX (--env smax), which runs "
             "without StarCraft II")
 
 
@@ -63,7 +63,7 @@ def starcraft_env_class() -> Callable[..., Any]:
         from smac.env import StarCraft2Env
     except Exception as exc:  # not installed, or the unrelated PyPI "smac" (SMAC3)
         raise ConfigError(_install_hint(f"`from smac.env import StarCraft2Env` failed "
-                                        f"({type(exc).__name__})")) from None
+                                        f"({type(exc).__name__})"), field="env", value="smac") from None
     return StarCraft2Env
 
 
@@ -72,7 +72,7 @@ def check_task(values: dict[str, Any]) -> None:
     path = sc2_path()
     if not (path / "Versions").is_dir():
         raise ConfigError(_install_hint(f"StarCraft II not found at {path} (no Versions/ "
-                                        "folder; set SC2PATH)"))
+                                        "folder; set SC2PATH)"), field="env", value="smac")
     map_name = values["map_name"]
     try:
         from smac.env.starcraft2.maps import smac_maps
@@ -81,8 +81,8 @@ def check_task(values: dict[str, Any]) -> None:
     except Exception:  # an older / newer smac layout: let the env itself complain
         return
     if map_name not in known:
-        raise ConfigError(f"--map_name for --env smac must be one of {', '.join(sorted(known))}; "
-                          f"got {map_name!r}")
+        raise ConfigError(f"unknown SMAC map {map_name!r} (known: {', '.join(sorted(known))})",
+                          field="map_name")
 
 
 class SMACVecEnv(VecEnv):

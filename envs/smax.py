@@ -36,12 +36,14 @@ the run continues bit-identically.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Any
 
 import numpy as np
 
 from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
-from train.config import ConfigError
+from utils.errors import ConfigError
 
 # SMAX scenarios in jaxmarl 0.2.0 (``MAP_NAME_TO_SCENARIO``); listed here so that checking
 # a configuration does not import JAX. tests/test_smax_env.py checks they all exist.
@@ -59,8 +61,7 @@ def task_name(values: dict[str, Any]) -> str:
 def check_task(values: dict[str, Any]) -> None:
     map_name = values["map_name"]
     if map_name not in MAPS:
-        raise ConfigError(f"--map_name for --env smax must be one of {', '.join(MAPS)}; "
-                          f"got {map_name!r}")
+        raise ConfigError(f"unknown SMAX map {map_name!r} (known: {', '.join(MAPS)})", field="map_name")
 
 
 def _import_jaxmarl():
@@ -71,9 +72,6 @@ def _import_jaxmarl():
     Compiled SMAX steps are cached on disk (``HARL_JAX_CACHE``, default
     ``~/.cache/harl-lite/jax``; empty disables) so later runs skip most compile time.
     """
-    import os
-    import sys
-
     saved = sys.stdout, sys.stderr
     sys.stdout.flush()
     saved_fd = os.dup(1)  # jaxmarl prints to the real stdout: silence the descriptor

@@ -18,6 +18,7 @@ from multiprocessing import shared_memory
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from envs.base import EnvError, EnvStep, VecEnv
 
@@ -137,8 +138,6 @@ def _worker(make_env: Callable[[int, int], VecEnv], n_local: int, first: int, se
 def _kill_with_children(proc) -> None:
     """SIGKILL a worker and the processes it started (a simulator's own process, such as
     StarCraft II's, would otherwise live on without a parent)."""
-    import psutil
-
     try:
         children = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:

@@ -6,6 +6,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from algorithms.registry import make_algorithm
 from envs.base import VecEnv
 
 EVAL_SEED_TAG = 0x4556414C  # "EVAL": keeps evaluation seeds apart from any other hashed seed
@@ -31,8 +32,6 @@ def eval_seed(config, iteration: int = 0) -> int:
 
 def policy_from_checkpoint(checkpoint: dict, config, spec, device):
     """The algorithm of ``config`` with a checkpoint's weights (no optimiser state)."""
-    from algorithms import make_algorithm
-
     algo = make_algorithm(config, spec, device)
     algo.load_state_dict(checkpoint["algorithm"], weights_only=True)
     return algo

@@ -19,21 +19,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from algorithms import make_algorithm
 from algorithms.base import NumericalError
+from algorithms.registry import make_algorithm
 from envs.base import EnvError, EnvStep
 from envs.registry import make_vec_env, task_name
 from runners.evaluate import env_seed, eval_seed, evaluate
-from train.config import STOP_SIGNALS
 from utils.buffer import RolloutBuffer
 from utils.checkpoint import CheckpointError, atomic_write_bytes, save_checkpoint
 from utils.device import rebalance_threads, release_cores
+from utils.errors import STOP_SIGNALS
 from utils.logger import MetricsLogger, resident_mb
 
 
-
 class Interrupted(Exception):
-    pass
+    """A stop signal arrived mid-rollout: the iteration is abandoned and its start saved."""
+
+
+class StopRun(Exception):
+    """Ends ``Runner.run`` with exit status ``status``, raised by a step once it has saved
+    and reported what it must."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
 
 
 class Runner:
@@ -77,6 +85,9 @@ class Runner:
         self.phase = collections.Counter()
         # Per-iteration diagnostics since the last metrics row (a row summarises them all).
         self.window_stats: dict[str, list[float]] = collections.defaultdict(list)
+        # Where the current metrics row's window began (wall time, env steps): its sps. Set
+        # again when run() starts.
+        self._window_start, self._window_steps = time.time(), 0
         if checkpoint is None:
             self._take_step(self.env.reset(env_seed(config)))
         else:
@@ -325,104 +336,25 @@ class Runner:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once; the last checkpoint is intact
         self.stop_signal = signum
 
-    def _stop_at(self, point: dict) -> int:
-        """Save ``point`` (a ``resume_point``) and stop as interrupted (exit status 130)."""
-        path = self.save(point)
-        print(f"\ninterrupted: checkpoint at {point['counters']['env_steps']} env steps saved to "
-              f"{path}; continue with --resume {self.run_dir}", flush=True)
-        return 130
-
     def run(self) -> int:
-        cfg = self.config
+        """Train up to ``--num_env_steps``, one ``iterate`` at a time, then ``finish``.
+
+        Exit status: 0 done; 130 stopped by a signal, with a checkpoint to resume from; 1 a
+        failure (an environment past its restarts, a non-finite number, a checkpoint that
+        could not be written), with the last good checkpoint kept or this one saved.
+        """
         self._session_start = time.time()
         previous = {s: signal.signal(s, self.on_signal) for s in STOP_SIGNALS}
-        window_start, window_steps = time.time(), self.env_steps
+        self._window_start, self._window_steps = time.time(), self.env_steps
         try:
             if self.stop_signal is not None:  # received while starting up (train.train.StartupSignals)
-                return self._stop_at(self.resume_point())
-            while self.env_steps < cfg.num_env_steps:
-                before, threads = rebalance_threads()  # --torch_threads 0: other runs started or ended
-                if threads != before:
-                    print(f"\ntorch threads: {before} -> {threads} (runs sharing this machine's cores "
-                          "changed; --torch_threads N fixes the count)", flush=True)
-                point = self.resume_point()
-                try:
-                    self.collect()
-                except EnvError as exc:
-                    if self.env_restarts < cfg.max_env_restarts and exc.env_index is not None:
-                        self.env_restarts += 1
-                        print(f"warning: {exc}; restarting env {exc.env_index} "
-                              f"({self.env_restarts}/{cfg.max_env_restarts}) and redoing update {self.iteration + 1}",
-                              flush=True)
-                        try:
-                            self._restore_point(point)
-                            self._take_step(self.env.restart(exc.env_index))
-                        except EnvError as failed:  # keep the iteration's start rather than lose it
-                            path = self.save(point)
-                            print(f"error: restarting env {exc.env_index} failed: {failed}; checkpoint at "
-                                  f"{point['counters']['env_steps']} env steps saved to {path}", flush=True)
-                            return 1
-                        self.starts[exc.env_index] = True  # a fresh episode: recurrent states start over
-                        continue
-                    path = self.save(point)
-                    print(f"error: {exc}; no env restarts left (--max_env_restarts {cfg.max_env_restarts}); "
-                          f"checkpoint at {self.env_steps} env steps saved to {path}", flush=True)
-                    return 1
-                except Interrupted:
-                    return self._stop_at(point)
-                t0 = time.perf_counter()
-                self.algo.iteration = self.iteration + 1
-                # The budget spent before this rollout: update k of K uses lr (1 - k/K), from
-                # the full lr at the first update down to lr / K at the last (HARL's schedule).
-                self.algo.set_progress(point["counters"]["env_steps"] / cfg.num_env_steps)
-                for key, value in self.algo.train(self.buffer, defer_critic=True).items():
-                    self.window_stats[key].append(value)
-                self.phase["update_s"] += time.perf_counter() - t0
-                self.iteration += 1
-                last = self.env_steps >= cfg.num_env_steps
-                eval_result = None
-                if cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last):
-                    eval_start = time.time()
-                    try:
-                        eval_result = self.last_eval = self.evaluate()
-                    except EnvError as exc:  # keep this iteration's update: save it, then stop
-                        path = self.save(self.resume_point())
-                        print(f"error: {exc}; checkpoint at {self.env_steps} env steps saved to {path}",
-                              flush=True)
-                        return 1
-                    window_start += time.time() - eval_start  # sps is training throughput
-                if self.iteration % cfg.log_interval == 0 or eval_result is not None or last:
-                    now = time.time()
-                    window_sps = (self.env_steps - window_steps) / max(now - window_start, 1e-9)
-                    self.logger.log(self._row(self._window_summary(), eval_result, window_sps))
-                    ret = self._train_episode_stats()["train_episode_return"]
-                    extra = "".join(f"  {k} {v:.3g}" for k, v in (eval_result or {}).items()
-                                    if k == "eval_return" or k[len("eval_"):] in self.spec.episode_metrics)
-                    if cfg.progress:
-                        self.logger.progress(self.env_steps, cfg.num_env_steps, window_sps, ret, extra)
-                    window_start, window_steps = now, self.env_steps
-                    self.phase.clear()
-                    self.window_stats.clear()
-                if self.iteration % cfg.save_interval == 0 or last or self.stop_signal is not None:
-                    self.save(self.resume_point())
-                if self.stop_signal is not None:
-                    print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved; "
-                          f"continue with --resume {self.run_dir}", flush=True)
-                    return 130
-            evaluated_at = self.last_eval.get("env_steps")  # None: a checkpoint from before 244de2d
-            if cfg.use_eval and evaluated_at != self.env_steps and (
-                    evaluated_at is not None or cfg.num_env_steps < self.env_steps):
-                # Resumed with --num_env_steps below the steps already done: the policy being
-                # reported may not have been evaluated yet.
-                print(f"note: evaluating the final policy ({self.env_steps} env steps) for summary.json",
-                      flush=True)
-                self.last_eval = self.evaluate()
-            summary = self.write_summary()
-            shown = ["eval_return_mean"] + [f"eval_{m}" for m in self.spec.episode_metrics]
-            evals = "".join(f", {k} {summary[k]:.4g}" for k in shown if summary.get(k) is not None)
-            print(f"\ndone: {self.env_steps} env steps in {summary['wall_seconds']:.0f} s{evals}; "
-                  f"{self.run_dir / 'summary.json'}", flush=True)
+                self.stop_with_checkpoint(self.resume_point())
+            while self.env_steps < self.config.num_env_steps:
+                self.iterate()
+            self.finish()
             return 0
+        except StopRun as stop:
+            return stop.status
         except NumericalError as exc:
             print(f"\nerror: {exc}; stopped without saving, the last good checkpoint is kept", flush=True)
             return 1
@@ -440,6 +372,137 @@ class Runner:
             self.env.close()
             if self.eval_env is not None:
                 self.eval_env.close()
+
+    def iterate(self) -> None:
+        """One iteration: collect a rollout and train on it, then evaluate, log and save on
+        their intervals. A failed rollout is redone from its start (``handle_env_failure``)."""
+        self.follow_thread_share()
+        point = self.resume_point()
+        try:
+            self.collect()
+        except EnvError as exc:
+            self.handle_env_failure(exc, point)
+            return
+        except Interrupted:
+            self.stop_with_checkpoint(point)
+        self.update(point)
+        last = self.env_steps >= self.config.num_env_steps
+        eval_result = self.evaluate_if_due(last)
+        self.log_if_due(eval_result, last)
+        self.save_if_due(last)
+
+    def follow_thread_share(self) -> None:
+        """--torch_threads 0: take this run's share of the cores as other runs start or end."""
+        before, threads = rebalance_threads()
+        if threads != before:
+            print(f"\ntorch threads: {before} -> {threads} (runs sharing this machine's cores "
+                  "changed; --torch_threads N fixes the count)", flush=True)
+
+    def handle_env_failure(self, exc: EnvError, point: dict[str, Any]) -> None:
+        """A training env failed mid-rollout: rewind to ``point`` (the iteration's start) with
+        the failed env restarted, so the caller redoes the iteration; past
+        --max_env_restarts, or when the restart fails too, save ``point`` and stop (status 1)."""
+        cfg = self.config
+        if self.env_restarts >= cfg.max_env_restarts or exc.env_index is None:
+            path = self.save(point)
+            print(f"error: {exc}; no env restarts left (--max_env_restarts {cfg.max_env_restarts}); "
+                  f"checkpoint at {self.env_steps} env steps saved to {path}", flush=True)
+            raise StopRun(1)
+        self.env_restarts += 1
+        print(f"warning: {exc}; restarting env {exc.env_index} "
+              f"({self.env_restarts}/{cfg.max_env_restarts}) and redoing update {self.iteration + 1}",
+              flush=True)
+        try:
+            self._restore_point(point)
+            self._take_step(self.env.restart(exc.env_index))
+        except EnvError as failed:  # keep the iteration's start rather than lose it
+            path = self.save(point)
+            print(f"error: restarting env {exc.env_index} failed: {failed}; checkpoint at "
+                  f"{point['counters']['env_steps']} env steps saved to {path}", flush=True)
+            raise StopRun(1) from None
+        self.starts[exc.env_index] = True  # a fresh episode: recurrent states start over
+
+    def update(self, point: dict[str, Any]) -> None:
+        """Train the algorithm on the rollout just collected (``point``: its resume point)."""
+        t0 = time.perf_counter()
+        self.algo.iteration = self.iteration + 1
+        # The budget spent before this rollout: update k of K uses lr (1 - k/K), from
+        # the full lr at the first update down to lr / K at the last (HARL's schedule).
+        self.algo.set_progress(point["counters"]["env_steps"] / self.config.num_env_steps)
+        for key, value in self.algo.train(self.buffer, defer_critic=True).items():
+            self.window_stats[key].append(value)
+        self.phase["update_s"] += time.perf_counter() - t0
+        self.iteration += 1
+
+    def evaluate_if_due(self, last: bool) -> dict[str, float] | None:
+        """Evaluate on --eval_interval and after the last update; None when not due. An
+        evaluation env past its restarts: save this iteration's update, then stop (status 1)."""
+        cfg = self.config
+        if not (cfg.use_eval and (self.iteration % cfg.eval_interval == 0 or last)):
+            return None
+        eval_start = time.time()
+        try:
+            self.last_eval = self.evaluate()
+        except EnvError as exc:
+            path = self.save(self.resume_point())
+            print(f"error: {exc}; checkpoint at {self.env_steps} env steps saved to {path}", flush=True)
+            raise StopRun(1) from None
+        self._window_start += time.time() - eval_start  # sps is training throughput
+        return self.last_eval
+
+    def log_if_due(self, eval_result: dict[str, float] | None, last: bool) -> None:
+        """A metrics row (and the progress line) on --log_interval, after an evaluation and
+        after the last update; it summarises every update since the previous row."""
+        cfg = self.config
+        if not (self.iteration % cfg.log_interval == 0 or eval_result is not None or last):
+            return
+        now = time.time()
+        window_sps = (self.env_steps - self._window_steps) / max(now - self._window_start, 1e-9)
+        self.logger.log(self._row(self._window_summary(), eval_result, window_sps))
+        if cfg.progress:
+            train_return = self._train_episode_stats()["train_episode_return"]
+            shown = "".join(f"  {k} {v:.3g}" for k, v in (eval_result or {}).items()
+                            if k == "eval_return" or k[len("eval_"):] in self.spec.episode_metrics)
+            self.logger.progress(self.env_steps, cfg.num_env_steps, window_sps, train_return, shown)
+        self._window_start, self._window_steps = now, self.env_steps
+        self.phase.clear()
+        self.window_stats.clear()
+
+    def save_if_due(self, last: bool) -> None:
+        """A checkpoint on --save_interval, after the last update and when a stop signal came
+        in; after that signal, stop (status 130)."""
+        if self.iteration % self.config.save_interval == 0 or last or self.stop_signal is not None:
+            self.save(self.resume_point())
+        if self.stop_signal is not None:
+            print(f"\ninterrupted: checkpoint at {self.env_steps} env steps saved; "
+                  f"continue with --resume {self.run_dir}", flush=True)
+            raise StopRun(130)
+
+    def stop_with_checkpoint(self, point: dict) -> None:
+        """Save ``point`` (a ``resume_point``) and stop as interrupted (status 130)."""
+        path = self.save(point)
+        print(f"\ninterrupted: checkpoint at {point['counters']['env_steps']} env steps saved to "
+              f"{path}; continue with --resume {self.run_dir}", flush=True)
+        raise StopRun(130)
+
+    def finish(self) -> None:
+        """The budget is spent: make sure the reported policy was evaluated, write summary.json."""
+        cfg = self.config
+        # None: a checkpoint saved before evaluations recorded their env steps, whose policy
+        # was evaluated at its last update.
+        evaluated_at = self.last_eval.get("env_steps")
+        if cfg.use_eval and evaluated_at != self.env_steps and (
+                evaluated_at is not None or cfg.num_env_steps < self.env_steps):
+            # Resumed with --num_env_steps below the steps already done: the policy being
+            # reported may not have been evaluated yet.
+            print(f"note: evaluating the final policy ({self.env_steps} env steps) for summary.json",
+                  flush=True)
+            self.last_eval = self.evaluate()
+        summary = self.write_summary()
+        shown = ["eval_return_mean"] + [f"eval_{m}" for m in self.spec.episode_metrics]
+        evals = "".join(f", {k} {summary[k]:.4g}" for k in shown if summary.get(k) is not None)
+        print(f"\ndone: {self.env_steps} env steps in {summary['wall_seconds']:.0f} s{evals}; "
+              f"{self.run_dir / 'summary.json'}", flush=True)
 
     def write_summary(self) -> dict:
         wall = self.elapsed()

@@ -15,6 +15,7 @@ trap 'rm -rf "$tmp"' EXIT
   echo "# $("$tmp/venv/bin/python" -c 'import platform; print(f"Python {platform.python_version()}, {platform.system()} {platform.machine()}")')),"
   echo "# used as pip constraints so a fresh machine gets the same versions after upstream"
   echo "# releases. torch is pinned in requirements.txt only (the local CPU wheel is '+cpu')."
-  "$tmp/venv/bin/python" -m pip freeze --exclude torch
+  # --all: setuptools too (torch and gymnasium-robotics need it at run time); pip is the installer's own.
+  "$tmp/venv/bin/python" -m pip freeze --all --exclude pip --exclude torch
 } > "$ROOT/constraints.txt"
 echo "wrote $ROOT/constraints.txt ($(grep -c '==' "$ROOT/constraints.txt") packages)"

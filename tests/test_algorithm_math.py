@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Categorical, Normal, kl_divergence
 
-from algorithms.base import OnPolicyMARL, Rows, compute_gae, first_hidden, masked_mean, minibatches, take
-from algorithms.distributions import CategoricalHead, DistParams, GaussianHead
+from algorithms.base import (OnPolicyMARL, Rows, StepResult, compute_gae, first_hidden, masked_mean, minibatches,
+                             take)
+from algorithms.distributions import CategoricalHead, CategoricalParams, GaussianHead, GaussianParams
 from algorithms.happo import HAPPO, happo_loss
 from algorithms.hatrpo import HATRPO
 from algorithms.mappo import MAPPO
@@ -28,7 +29,7 @@ from algorithms.networks import Trunk
 from algorithms.trust_region import conjugate_gradient, flat_params, gauss_newton_fvp_fn, set_flat_params
 from algorithms.value_norm import ValueNorm
 from envs.base import AgentSpec, EnvSpec
-from train.config import ALGORITHM_DEFAULTS, Config
+from train.config import Config
 from utils.buffer import RolloutBuffer
 
 CPU = torch.device("cpu")
@@ -55,7 +56,7 @@ def discrete_spec(n_agents: int = 2, obs_dim: int = 4, n_actions: int = 5) -> En
 def build(cls, spec: EnvSpec, seed: int = 0, **overrides):
     """An algorithm with ``load_config``'s per-algorithm defaults (HATRPO: no entropy bonus)."""
     torch.manual_seed(seed)
-    overrides = {**ALGORITHM_DEFAULTS.get(cls.__name__.lower(), {}), **overrides}
+    overrides = {**cls.defaults, **overrides}
     return cls(make_config(**overrides), spec, CPU)
 
 
@@ -124,7 +125,7 @@ def record_actor_steps(algo, real_step):
     def wrapper(g, batch, M):
         calls.append({"g": g, "M": M.detach().clone(), "requires_grad": M.requires_grad,
                       "grad_fn": M.grad_fn, "batch": batch})
-        return real_step(algo, g, batch, M) if real_step is not None else {}
+        return real_step(algo, g, batch, M) if real_step is not None else StepResult({})
 
     algo.actor_step = wrapper
     return calls
@@ -168,11 +169,11 @@ def test_gauss_newton_fvp_is_the_kl_hessian_at_the_old_policy(kind):
         a, b, ls = flat.split(sizes)
         out = torch.tanh(obs @ a.view(6, 3).T) @ b.view(5, 6).T
         if kind == "gaussian":
-            return DistParams(out, (torch.sigmoid(ls) * 0.5).expand_as(out))
-        return DistParams((out + 0 * ls).masked_fill(~avail, -1e10).log_softmax(-1), avail)
+            return GaussianParams(out, (torch.sigmoid(ls) * 0.5).expand_as(out))
+        return CategoricalParams((out + 0 * ls).masked_fill(~avail, -1e10).log_softmax(-1), avail)
 
     old = dist(theta0)
-    old = DistParams(old.a.detach(), None if old.b is None else old.b.detach())
+    old = type(old)(*(None if t is None else t.detach() for t in old))
     mean_kl = lambda flat: masked_mean(head.kl(old, dist(flat)), active)  # noqa: E731
     H = torch.autograd.functional.hessian(mean_kl, theta0)
     assert H.abs().max() > 1e-3
@@ -208,7 +209,7 @@ def test_gaussian_log_prob_entropy_kl_match_torch():
     std_a = torch.rand(7, 3, generator=g) * 0.9 + 0.05
     std_b = torch.rand(7, 3, generator=g) * 0.9 + 0.05
     actions = torch.randn(7, 3, generator=g)
-    pa, pb = DistParams(mean_a, std_a), DistParams(mean_b, std_b)
+    pa, pb = GaussianParams(mean_a, std_a), GaussianParams(mean_b, std_b)
     na, nb = Normal(mean_a, std_a), Normal(mean_b, std_b)
     assert torch.allclose(GaussianHead.log_prob(pa, actions), na.log_prob(actions).sum(-1), atol=1e-5)
     assert torch.allclose(GaussianHead.entropy(pa), na.entropy().sum(-1), atol=1e-5)
@@ -217,7 +218,7 @@ def test_gaussian_log_prob_entropy_kl_match_torch():
     assert torch.allclose(GaussianHead.kl(pa, pa), torch.zeros(7), atol=1e-6)
     # Sampling: empirical moments of many samples match mean / std.
     torch.manual_seed(0)
-    big = DistParams(mean_a[:1].expand(20000, 3), std_a[:1].expand(20000, 3))
+    big = GaussianParams(mean_a[:1].expand(20000, 3), std_a[:1].expand(20000, 3))
     s = GaussianHead.sample(big, deterministic=False)
     assert torch.allclose(s.mean(0), mean_a[0], atol=0.03)
     assert torch.allclose(s.std(0), std_a[0], rtol=0.03)
@@ -257,11 +258,11 @@ def test_categorical_masking_sampling_entropy_kl():
         probs = lp.exp()
         assert torch.equal(probs[~avail[:, a]], torch.zeros(int((~avail[:, a]).sum())))
     torch.manual_seed(0)
-    many = DistParams(old.a.unsqueeze(0).expand(20000, 3, 6), avail)
+    many = CategoricalParams(old.log_probs.unsqueeze(0).expand(20000, 3, 6), avail)
     samples = CategoricalHead.sample(many, deterministic=False)  # [20000, 3]
     assert avail.gather(1, samples.T).all()
     freq = torch.stack([torch.bincount(samples[:, b], minlength=6).float() / 20000 for b in range(3)])
-    assert torch.allclose(freq, old.a.exp(), atol=0.02)
+    assert torch.allclose(freq, old.log_probs.exp(), atol=0.02)
     assert avail.gather(1, CategoricalHead.sample(old, True).unsqueeze(1)).all()
     # entropy / KL against torch distributions over the available actions only
     for b in range(3):
@@ -272,7 +273,7 @@ def test_categorical_masking_sampling_entropy_kl():
         lo, ln = p_old.logits, p_new.logits  # normalised log-probs
         hand = float((lo.exp() * (lo - ln)).sum())
         assert abs(float(CategoricalHead.kl(old, new)[b]) - hand) < 1e-5
-        assert torch.allclose(old.a[b, idx], lo, atol=1e-6)
+        assert torch.allclose(old.log_probs[b, idx], lo, atol=1e-6)
     assert (CategoricalHead.kl(old, new) > 0).all()
     # without a mask, entropy is the plain categorical entropy
     with torch.no_grad():
@@ -289,7 +290,7 @@ def test_categorical_log_probs_and_gradients_equal_log_softmax_at_every_width(n_
     avail = torch.rand(50, n_actions, generator=g) > 0.3
     avail[:, 0] = True
     weights = torch.randn(50, n_actions, generator=g) * avail
-    ours = CategoricalHead.from_logits(logits, avail).a
+    ours = CategoricalHead.from_logits(logits, avail).log_probs
     (grad_ours,) = torch.autograd.grad((ours * weights).sum(), logits)
     plain = logits.masked_fill(~avail, -1e10).log_softmax(-1)
     (grad_plain,) = torch.autograd.grad((plain * weights).sum(), logits)
@@ -506,6 +507,10 @@ def test_hatrpo_m_factor_uses_the_accepted_step_ratio():
     algo = build(HATRPO, continuous_spec(3), fixed_order=True, kl_threshold=0.05)
     buf = fill_buffer(algo, 6, 4, seed=7, p_inactive=0.2)
     calls = record_actor_steps(algo, HATRPO.actor_step)
+
+    def second_pass(g, batch):
+        raise AssertionError("HATRPO's step returns its ratio: the loop must not recompute it")
+    algo.new_ratio = second_pass
     stats = algo.train(buf)
     factors = []
     for i in range(3):
@@ -517,7 +522,6 @@ def test_hatrpo_m_factor_uses_the_accepted_step_ratio():
     assert torch.equal(calls[0]["M"], torch.ones(6, 4))
     assert torch.allclose(calls[1]["M"], factors[0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(calls[2]["M"], factors[0] * factors[1], rtol=1e-5, atol=1e-6)
-    assert algo.ratio_after_step is None
 
 
 def test_m_factor_follows_random_order():
@@ -579,7 +583,6 @@ def test_sequential_algorithms_with_shared_parameters(cls):
         calls.append({"g": g, "M": M.clone()})
         out = cls.actor_step(algo, g, batch, M)
         ratios.append(algo.new_ratio(g, batch))
-        algo.ratio_after_step = None
         return out
     algo.actor_step = step
     algo.train(buf)
@@ -617,9 +620,9 @@ def _mean_kl_and_surrogate(actor, batch, old_dist, M):
         lp, _, dist = actor.evaluate(batch.obs, batch.actions, None, batch.starts, batch.avail)
         surrogate = masked_mean(torch.exp(lp - batch.old_log_probs) * M * batch.advantages, batch.active)
         if isinstance(actor.head, GaussianHead):
-            kl = kl_divergence(Normal(old_dist.a, old_dist.b), Normal(dist.a, dist.b)).sum(-1)
+            kl = kl_divergence(Normal(old_dist.mean, old_dist.std), Normal(dist.mean, dist.std)).sum(-1)
         else:
-            lo, ln = old_dist.a, dist.a
+            lo, ln = old_dist.log_probs, dist.log_probs
             kl = (lo.exp() * (lo - ln)).masked_fill(~batch.avail, 0.0).sum(-1)
     return float(masked_mean(kl, batch.active)), float(surrogate), dist
 
@@ -629,7 +632,7 @@ def _mean_kl_and_surrogate(actor, batch, old_dist, M):
 def _old_dist(actor, batch):
     with torch.no_grad():
         d = actor.evaluate(batch.obs, batch.actions, None, batch.starts, batch.avail)[2]
-    return DistParams(d.a.clone(), None if d.b is None else d.b.clone())
+    return type(d)(*(None if t is None else t.clone() for t in d))
 
 
 @pytest.mark.parametrize("spec_fn,seed", [(continuous_spec, 0), (continuous_spec, 1), (discrete_spec, 2),
@@ -641,7 +644,7 @@ def test_hatrpo_step_accepted_within_trust_region(spec_fn, seed):
     old_dist = _old_dist(actor, batch)
     kl0, surrogate0, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
     assert kl0 == 0.0
-    stats = algo.actor_step(0, batch, M)
+    stats = algo.actor_step(0, batch, M).stats
     kl, surrogate1, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
     assert stats["accepted"] == 1.0
     assert 0 < kl < algo.config.kl_threshold
@@ -675,7 +678,7 @@ def test_hatrpo_entropy_bonus_is_part_of_the_objective(spec_fn):
         before = [p.detach().clone() for p in actor.parameters()]
         old_dist = _old_dist(actor, batch)
         h0 = mean_entropy(actor, batch)
-        stats = algo.actor_step(0, batch, M)
+        stats = algo.actor_step(0, batch, M).stats
         if coef == 0.0:
             assert stats["accepted"] == 0.0 and stats["grad_norm"] < 1e-10
             assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
@@ -691,12 +694,12 @@ def test_hatrpo_step_rejected_restores_parameters_bitwise():
     algo, buf, batch, M = _hatrpo_case(continuous_spec(2), 4, accept_ratio=1e9, ls_step=4)
     actor = algo.actors[0]
     before = [p.detach().clone() for p in actor.parameters()]
-    stats = algo.actor_step(0, batch, M)
+    stats = algo.actor_step(0, batch, M).stats
     assert stats["accepted"] == 0.0 and stats["ls_steps"] == 4.0 and stats["kl"] == 0.0
     assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
     # every sample inactive: no gradient, early exit, nothing changes
     empty = batch._replace(active=torch.zeros_like(batch.active))
-    stats = algo.actor_step(0, empty, M)
+    stats = algo.actor_step(0, empty, M).stats
     assert stats["accepted"] == 0.0 and stats["grad_norm"] == 0.0
     assert all(torch.equal(b, p) for b, p in zip(before, actor.parameters()))
 
@@ -723,7 +726,7 @@ def test_hatrpo_rejects_a_step_outside_the_kl_threshold(monkeypatch):
             real_set(params, flat)
 
         monkeypatch.setattr(hatrpo, "set_flat_params", spy)
-        stats = algo.actor_step(0, batch, M)
+        stats = algo.actor_step(0, batch, M).stats
         monkeypatch.setattr(hatrpo, "set_flat_params", real_set)
         trial = copy.deepcopy(actor)
         set_flat_params(list(trial.parameters()), proposed[0])
@@ -752,7 +755,7 @@ def test_hatrpo_step_accepts_inside_trust_region_or_restores(spec_fn, seed, over
     actor = algo.actors[0]
     before = [p.detach().clone() for p in actor.parameters()]
     old_dist = _old_dist(actor, batch)
-    stats = algo.actor_step(0, batch, M)
+    stats = algo.actor_step(0, batch, M).stats
     kl, _, _ = _mean_kl_and_surrogate(actor, batch, old_dist, M)
     if stats["accepted"] == 1.0:
         assert kl < algo.config.kl_threshold

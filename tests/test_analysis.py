@@ -187,6 +187,17 @@ def test_bootstrap_band_contains_mean_and_scales_with_spread():
     np.testing.assert_array_equal(analysis.bootstrap_ci(values)[0], low)
 
 
+def test_bootstrap_is_the_percentile_bootstrap_of_the_mean_over_seeds():
+    """rliable's percentile interval for one task, written out the plain way: resample the
+    seeds (one draw for every point), take each resample's mean, read off the quantiles."""
+    values = np.random.default_rng(3).normal(size=(5, 7)) * np.arange(1, 8)
+    picks = np.random.default_rng(11).integers(0, 5, size=(500, 5))
+    means = values[picks].mean(axis=1)  # (500 resamples, 7 points)
+    low, high = analysis.bootstrap_ci(values, n_resamples=500, confidence=0.9, seed=11)
+    np.testing.assert_allclose(low, np.percentile(means, 5.0, axis=0))
+    np.testing.assert_allclose(high, np.percentile(means, 95.0, axis=0))
+
+
 def test_bootstrap_degenerate_cases():
     same = np.tile(np.arange(5.0), (3, 1))
     low, high = analysis.bootstrap_ci(same)
@@ -236,6 +247,15 @@ def test_iqm_matches_trimmed_mean():
     x = np.array([5.0, 1.0, 9.0, 3.0, 7.0, 100.0, -50.0, 4.0])  # n=8: drop 2 each end
     assert analysis.iqm(x) == pytest.approx(np.mean(np.sort(x)[2:6]))
     assert analysis.iqm(np.array([1.0, 2.0, 3.0, 4.0])) == pytest.approx(2.5)
+
+
+@pytest.mark.parametrize("n", range(1, 13))
+def test_iqm_is_rliables_trimmed_mean(n):
+    """rliable's ``aggregate_iqm`` is ``scipy.stats.trim_mean(scores, 0.25)``; scipy comes with
+    jax here, so the comparison runs wherever the project's requirements are installed."""
+    stats = pytest.importorskip("scipy.stats")
+    x = np.random.default_rng(n).normal(size=n) * 10
+    assert analysis.iqm(x) == pytest.approx(stats.trim_mean(x, 0.25), rel=1e-12)
 
 
 def test_win_rate_default_metric_and_summary_key(tmp_path):
@@ -361,6 +381,7 @@ def test_cli_out_without_extension_names_the_file_written(tmp_path, capsys):
     assert f"figure written to {tmp_path / 'figs' / 'curves.png'}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_suptitle_clears_panel_titles_with_several_rows(tmp_path, monkeypatch):
     import matplotlib.figure
 

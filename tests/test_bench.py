@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from train import bench
@@ -17,6 +18,7 @@ def test_given_recognises_every_spelling():
     assert not bench.given(["--episode_lengthx", "9", "--env"], "episode_length")
 
 
+@pytest.mark.slow
 def test_bench_prints_the_figures_on_the_reference_rollout(capsys):
     rc = bench.main(["--iterations", "2", "--hidden_sizes", "16,16", "--ppo_epoch", "1", "--critic_epoch", "1"])
     assert rc == 0

@@ -8,6 +8,7 @@ the checks that need an existing run directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -17,8 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from train.config import CONFIG_DIR, ConfigError, load_config
+from algorithms import registry
+from train.config import CONFIG_DIR, OPTIONS, Config, config_from_dict, load_config
 from train.train import main
+from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--n_rollout_threads", "2", "--episode_length", "50", "--hidden_sizes", "16,16", "--critic_epoch", "1",
@@ -101,6 +104,7 @@ def test_bad_flags_exit_2_with_one_line(tmp_path, capsys, argv, needles):
     assert not results.exists()  # rejected before anything is created
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv", [["--scenario", "NoSuchBody"], ["--learning_rate", "1"], ["--lr", "abc"]],
                          ids=["scenario", "unknown-flag", "lr"])
 def test_bad_flags_real_process(tmp_path, argv):
@@ -128,6 +132,7 @@ def test_unwritable_results_dir(tmp_path, capsys):
     assert blocker.read_text() == "not a directory\n"
 
 
+@pytest.mark.slow
 def test_wandb_without_a_login_is_one_line_and_leaves_no_run_dir(tmp_path, capsys, monkeypatch):
     """wandb.init faked to raise what the real one raises without an API key (no network)."""
     wandb = pytest.importorskip("wandb")
@@ -233,6 +238,7 @@ def test_a_config_file_is_checked_like_the_flags(tmp_path, capsys, text, needles
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run, tmp_path, capsys):
     """config.yaml holds the command fields at their defaults, so it can start the same
     training again (into a new run directory), or the same settings for another --algo."""
@@ -250,6 +256,7 @@ def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run, 
     assert "warning: " in err and "config 'my.yaml' ignored" in err and "resume" in err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,needles", [
     (["--algo", "hatrpo", "--lr", "0.1"], ["--lr has no effect", "--kl_threshold"]),
     (["--algo", "hatrpo", "--ppo-epoch", "3"], ["--ppo_epoch has no effect"]),
@@ -274,6 +281,7 @@ def test_a_flag_the_run_does_not_read_gets_a_warning(tmp_path, capsys, argv, nee
     assert "warning" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_evaluation_flags_without_evaluation_get_a_warning(tmp_path, capsys):
     rc, out, err = run_main(capsys, [*TINY, "--num_env_steps", "100", "--no-use_eval", "--eval_interval", "3",
                                      "--results_dir", str(tmp_path / "r")])
@@ -283,16 +291,70 @@ def test_evaluation_flags_without_evaluation_get_a_warning(tmp_path, capsys):
     assert all("has no effect" in w and "--use_eval" in w for w in warnings), err
 
 
-def test_names_listed_twice_agree():
-    """--algo is checked against train/config.py's ALGORITHMS (no torch import), the classes
-    live in algorithms/__init__.py; each env family needs its task flags for the
-    does-not-apply check."""
-    from algorithms import ALGORITHM_CLASSES
+def test_the_registries_agree_with_what_they_register():
+    """--algo is checked against the registry's names (no torch import); each class declares
+    its name, family, action spaces, defaults, reads and whether its loss compiles; each env
+    family needs its task flags for the does-not-apply check."""
     from envs.registry import FAMILIES, TASK_FLAGS
-    from train.config import ALGORITHMS
+    from runners import RUNNERS, runner_class
 
-    assert set(ALGORITHMS) == set(ALGORITHM_CLASSES)
+    classes = registry.algorithm_classes()
+    assert [cls.name for cls in classes] == list(registry.NAMES) == list(OPTIONS["algo"].choices)
+    assert {cls.family for cls in classes} == set(RUNNERS) == set(registry.FAMILIES)
+    for cls in classes:
+        assert runner_class(Config(algo=cls.name)).__name__ == RUNNERS[cls.family].partition(":")[2]
     assert FAMILIES.keys() == TASK_FLAGS.keys()
+    with pytest.raises(ConfigError, match="did you mean happo"):
+        registry.check_name("hapo")
+
+
+def test_an_algorithm_refuses_an_action_space_it_does_not_support():
+    import torch
+
+    from envs.base import AgentSpec, EnvSpec
+
+    discrete = EnvSpec("x", (AgentSpec(3, "discrete", 4),) * 2, state_dim=4, episode_limit=10)
+    for cls in registry.algorithm_classes():
+        config = dataclasses.replace(Config(algo=cls.name, hidden_sizes=[8]), **cls.defaults)
+        if "discrete" in cls.action_kinds:
+            assert registry.make_algorithm(config, discrete, torch.device("cpu")).config is config
+        else:
+            with pytest.raises(ConfigError, match=f"--algo {cls.name} supports continuous actions"):
+                registry.make_algorithm(config, discrete, torch.device("cpu"))
+
+
+def test_no_algorithm_name_is_compared_outside_the_registry():
+    """``algo == "hatrpo"`` and the like: an algorithm's behaviour belongs to its class."""
+    import ast
+
+    names = set(registry.NAMES)
+
+    def literal_names(node) -> set:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return {node.value} & names
+        if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+            return set().union(*(literal_names(e) for e in node.elts))
+        return set()
+
+    found = []
+    for path in sorted(REPO.glob("*/*.py")):
+        if path.parts[-2] not in ("algorithms", "envs", "runners", "train", "utils") or path.name == "registry.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(literal_names(n) for n in (node.left, *node.comparators)):
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not found
+
+
+def test_the_command_line_is_parsed_once(monkeypatch, tmp_path, capsys):
+    import train.config
+
+    calls = []
+    build = train.config.build_parser
+    monkeypatch.setattr(train.config, "build_parser", lambda: calls.append(1) or build())
+    rc, out, err = run_main(capsys, [*SMALL, "--num_env_steps", "50", "--results_dir", str(tmp_path)])
+    assert_usage_error(rc, err, "--num_env_steps")  # rejected after resolving: parsed, layered, validated
+    assert len(calls) == 1
 
 
 def test_an_env_spec_mixing_action_kinds_is_refused():
@@ -389,6 +451,48 @@ def test_every_shipped_task_config_loads(task_file, algo):
     assert config.algo == algo and config.scenario == scenario
 
 
+def test_the_value_clip_is_its_own_flag_and_clip_params_while_unset(tmp_path):
+    """--value_clip_param clips the critic's values; while no flag or file sets it, the value
+    clip is --clip_param, as every run before the flag had it (old task files and saved
+    config.yaml files hold clip_param only)."""
+    bare = ["--scenario", "Swimmer", "--agent_conf", "2x1"]  # no task file
+    assert load_config(bare).value_clip_param is None and load_config(bare).value_clip == 0.2
+    assert load_config([*bare, "--clip_param", "0.1"]).value_clip == 0.1
+    split = load_config([*bare, "--clip_param", "0.1", "--value_clip_param", "0.3"])
+    assert (split.clip_param, split.value_clip) == (0.1, 0.3)
+    user = write(tmp_path / "user.yaml", "common:\n  value_clip_param: 0.4\n")
+    assert load_config([*bare, "--config", str(user), "--clip_param", "0.1"]).value_clip == 0.4
+    old = {k: v for k, v in Config(clip_param=0.15).to_dict().items() if k != "value_clip_param"}
+    assert config_from_dict(old, "old config.yaml").value_clip == 0.15
+    with pytest.raises(ConfigError, match="--value_clip_param must be > 0"):
+        load_config([*bare, "--value_clip_param", "0"])
+    # HATRPO's task files set clip_param for the value clip alone: it still is.
+    for path in sorted(CONFIG_DIR.glob("*/*.yaml")):
+        section = yaml.safe_load(path.read_text()).get("hatrpo") or {}
+        if "clip_param" in section and "value_clip_param" not in section and path.parent.name == "mamujoco":
+            scenario, conf = path.stem.split("-")
+            config = load_config(["--scenario", scenario, "--agent_conf", conf.replace("_", "|"), "--algo", "hatrpo"])
+            assert config.value_clip == section["clip_param"], path
+
+
+def test_value_loss_clips_by_the_value_clip():
+    import torch
+
+    from envs.base import AgentSpec, EnvSpec
+
+    spec = EnvSpec("x", (AgentSpec(3, "continuous", 2),) * 2, state_dim=4, episode_limit=10)
+    old, new, target = torch.zeros(1, 1), torch.ones(1, 1), torch.full((1, 1), 3.0)
+    mask = torch.ones(1, 1, dtype=torch.bool)
+
+    def loss(**settings):
+        config = Config(hidden_sizes=[8], use_huber_loss=False, **settings)
+        return float(registry.make_algorithm(config, spec, torch.device("cpu")).value_loss(new, old, target, mask))
+    # max(unclipped 0.5 * 2^2, clipped 0.5 * (3 - clip)^2)
+    assert loss(clip_param=0.5) == pytest.approx(0.5 * 2.5 ** 2)
+    assert loss(clip_param=0.5, value_clip_param=0.1) == pytest.approx(0.5 * 2.9 ** 2)
+    assert loss(clip_param=0.9, value_clip_param=0.5) == pytest.approx(0.5 * 2.5 ** 2)
+
+
 # -- against an existing run -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
@@ -401,6 +505,7 @@ def finished_run(tmp_path_factory) -> Path:
     return results / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
 
 
+@pytest.mark.slow
 def test_flags_end_up_in_the_runs_config(finished_run):
     saved = yaml.safe_load((finished_run / "config.yaml").read_text())
     task = yaml.safe_load((CONFIG_DIR / "mamujoco" / "HalfCheetah-2x3.yaml").read_text())
@@ -411,6 +516,7 @@ def test_flags_end_up_in_the_runs_config(finished_run):
     assert (finished_run / "metrics.csv").read_text().splitlines()[-1].startswith("100,")
 
 
+@pytest.mark.slow
 def test_new_run_into_an_existing_run_dir_is_refused(finished_run, capsys):
     before = snapshot(finished_run)
     rc, out, err = run_main(capsys, [*TINY, "--results_dir", str(finished_run.parents[4]), "--algo", "happo",
@@ -419,6 +525,7 @@ def test_new_run_into_an_existing_run_dir_is_refused(finished_run, capsys):
     assert snapshot(finished_run) == before  # old metrics.csv, checkpoint, config untouched
 
 
+@pytest.mark.slow
 def test_resume_cannot_change_what_the_run_computes(finished_run, capsys):
     before = snapshot(finished_run)
     rc, out, err = run_main(capsys, ["--resume", str(finished_run), "--lr", "0.1", "--num_env_steps", "200"])
@@ -426,6 +533,7 @@ def test_resume_cannot_change_what_the_run_computes(finished_run, capsys):
     assert snapshot(finished_run) == before
 
 
+@pytest.mark.slow
 def test_resume_cannot_change_the_env_workers(finished_run, capsys):
     """The checkpoint holds the environments' state split over the run's workers (resuming
     with another count raised KeyError in set_state, both ways)."""
@@ -436,6 +544,7 @@ def test_resume_cannot_change_the_env_workers(finished_run, capsys):
     assert snapshot(finished_run) == before
 
 
+@pytest.mark.slow
 def test_a_run_another_process_trains_is_refused(finished_run, tmp_path, capsys):
     """Two processes on one run directory (a --resume while it still trains, a sweep re-run
     beside an orphaned run) would interleave metrics.csv rows and overwrite checkpoints."""
@@ -456,6 +565,28 @@ def test_a_run_another_process_trains_is_refused(finished_run, tmp_path, capsys)
     assert rc == 0, err  # released with its holder
 
 
+@pytest.mark.slow
+def test_a_run_saved_before_value_clip_param_resumes_with_clip_param_as_its_value_clip(finished_run, tmp_path,
+                                                                                     capsys):
+    from train.train import resume_config
+    from utils.checkpoint import load_checkpoint, save_checkpoint
+
+    run = tmp_path / "copy"
+    shutil.copytree(finished_run, run)
+    checkpoint = load_checkpoint(run)
+    del checkpoint["config"]["value_clip_param"]  # as saved before the flag existed
+    save_checkpoint(run, checkpoint)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    del saved["value_clip_param"]
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    config, _ = resume_config({"resume": str(run), "num_env_steps": 200})
+    assert config.value_clip_param is None and config.value_clip == saved["clip_param"]
+    rc, out, err = run_main(capsys, ["--resume", str(run), "--num_env_steps", "200"])
+    assert rc == 0, err
+    assert yaml.safe_load((run / "config.yaml").read_text())["value_clip_param"] is None
+
+
+@pytest.mark.slow
 def test_resume_keeps_the_runs_results_dir(finished_run, tmp_path, capsys):
     """--results_dir does not move a resumed run: a warning says so, and config.yaml keeps the
     directory the run was made in (it used to record the ignored one)."""
@@ -482,6 +613,7 @@ def test_resume_with_garbage_checkpoint(tmp_path, capsys):
     assert snapshot(run) == before and (run / "checkpoints" / "last.pt").read_bytes() == garbage
 
 
+@pytest.mark.slow
 def test_resume_with_truncated_checkpoint(finished_run, tmp_path, capsys):
     run = tmp_path / "copy"
     (run / "checkpoints").mkdir(parents=True)
@@ -498,6 +630,7 @@ def test_resume_without_checkpoint(tmp_path, capsys):
     assert_usage_error(rc, err, "--resume", "no checkpoint")
 
 
+@pytest.mark.slow
 def test_garbage_checkpoint_real_process(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"\x80\x04garbage" * 10)
@@ -507,6 +640,7 @@ def test_garbage_checkpoint_real_process(tmp_path):
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == b"\x80\x04garbage" * 10
 
 
+@pytest.mark.slow
 def test_launch_scripts_take_paths_from_the_callers_directory(tmp_path):
     """``bash scripts/train_*.sh`` from another directory: a relative --results_dir lands
     there (not in the repository), and the missing-StarCraft error is one line, status 2."""
@@ -555,6 +689,7 @@ def test_the_launch_scripts_env_is_a_default_below_config_files_and_flags(monkey
     assert load_config([]).env == "mamujoco"
 
 
+@pytest.mark.slow
 def test_a_file_system_without_directory_locks_still_trains(tmp_path, capsys, monkeypatch):
     """Some network file systems refuse flock on a directory (ENOLCK): the run goes on
     without the lock rather than being taken for one another process trains."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from algorithms import make_algorithm
+from algorithms.registry import make_algorithm
 from envs.base import AgentSpec, EnvSpec
 from train.config import Config
 
@@ -52,6 +52,7 @@ def test_stacked_actors_rebuilt_after_update():
     assert torch.allclose(after[0], before[0]) and torch.allclose(after[1], before[1] + 1.0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_worker_processes_match_in_process_envs():
     from envs.registry import make_vec_env
 
@@ -79,6 +80,7 @@ def test_worker_processes_match_in_process_envs():
         local.close()
 
 
+@pytest.mark.slow
 def test_dead_worker_is_reported_and_replaced():
     import os
     import signal
@@ -109,6 +111,7 @@ def test_dead_worker_is_reported_and_replaced():
         env.close()
 
 
+@pytest.mark.slow
 def test_hung_worker_is_killed_after_the_timeout_and_replaced():
     """A worker that is alive but never answers (here: stopped with SIGSTOP) would block the
     run forever; after --env_worker_timeout it is killed and reported like a dead one."""
@@ -148,6 +151,7 @@ def _parent_of_a_sleeper(pid_file: str) -> None:
     time.sleep(60)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_takes_its_own_processes_with_it(tmp_path):
     import multiprocessing as mp
     import time
@@ -171,6 +175,7 @@ def test_a_killed_worker_takes_its_own_processes_with_it(tmp_path):
         assert grandchild.status() == psutil.STATUS_ZOMBIE
 
 
+@pytest.mark.slow
 def test_close_kills_a_hung_worker_with_its_own_processes(monkeypatch):
     """A worker that does not answer "close" is killed together with the processes it
     started (a StarCraft II game would otherwise outlive the run)."""
@@ -317,6 +322,7 @@ def test_runner_that_fails_to_build_closes_its_env_workers(tmp_path, monkeypatch
     assert env._procs and not any(p.is_alive() for p in env._procs)
 
 
+@pytest.mark.slow
 def test_a_worker_whose_env_raised_is_replaced_by_the_restore_and_restart(monkeypatch):
     """The runner's --max_env_restarts path with env workers: restore the iteration's
     snapshot, then restart the failed copy. A worker exits after reporting its env's error;

@@ -46,6 +46,8 @@ from train.train import main  # noqa: E402
 from utils.checkpoint import load_checkpoint  # noqa: E402
 from utils.logger import varies_by_machine  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test trains for real, with a fault made to happen
+
 REPO = Path(__file__).resolve().parent.parent
 E, T = 2, 50
 STEPS_PER_ITER = E * T  # with --log_interval 1 every iteration is one row

@@ -1,28 +1,27 @@
-"""``python -m train.train --help``: every flag with its description (the field's comment
-in train/config.py), its default and, where there is a fixed set, its choices; flags
-grouped by the sections of ``Config``; the sweep flags named in the epilog."""
+"""``python -m train.train --help``: every flag with its description (the field's ``Option``
+in train/config.py), in full, its default and, where there is a fixed set, its choices;
+flags grouped by the sections of ``Config``; the sweep flags named in the epilog."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from algorithms import registry
 from envs.registry import FAMILIES
-from train.config import (ALGORITHM_DEFAULTS, ALGORITHMS, FIELDS, Config, ConfigError, build_parser,
-                          field_docs, parse_flags)
+from train.config import FIELDS, OPTIONS, SWEEP_FLAGS, Config, build_parser, parse_command_line, parse_flags
 from train.train import main
+from utils.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 SECTIONS = {"experiment": "seed", "environment": "num_env_steps", "optimisation": "gamma",
             "HATRPO": "kl_threshold", "networks": "hidden_sizes",
             "off-policy (HATD3 / HADDPG / MATD3 / MADDPG)": "polyak"}
-# Fields that once had no comment, so --help showed nothing but the flag for them.
+# Fields that once had no description, so --help showed nothing but the flag for them.
 ONCE_UNDESCRIBED = ("seed", "results_dir", "wandb_project", "tensorboard", "num_env_steps", "use_eval",
                     "eval_episodes", "n_eval_rollout_threads", "lr", "critic_lr", "opti_eps",
                     "weight_decay", "use_linear_lr_decay", "gamma", "gae_lambda", "ppo_epoch",
@@ -68,21 +67,24 @@ def shown(value) -> str:
     return '""' if value == "" else str(value)
 
 
-def test_every_flag_has_a_description_and_its_default(help_text):
+def test_every_flag_has_its_full_description_and_its_default(help_text):
+    """The whole description, as the field's metadata holds it, then the default: the
+    comment scraper this replaced cut --compile's description mid-sentence."""
     found = blocks(help_text)
     defaults = Config()
-    for name in FIELDS:
+    for name, opt in OPTIONS.items():
         assert f"--{name}" in found, name
         text = found[f"--{name}"][0]
-        description = re.sub(r"\s*\([^()]*default: [^()]*\)$", "", text)
-        assert description and description != text, (name, text)
-        assert squash(field_docs()[name][1]) in squash(text), (name, text)
-        assert f"default: {shown(getattr(defaults, name))}" in text, (name, text)
+        assert squash(text).startswith(squash(opt.help) + "("), (name, text)
+        default = opt.shown_default or shown(getattr(defaults, name))
+        assert re.search(rf"\((\S+ \| )*[^()]*default: {re.escape(default)}[;)]", text), (name, text)
+    assert found["--compile"][0].startswith("torch.compile") and "goes on without it (default: true)" in \
+        " ".join(found["--compile"][0].split())
 
 
 @pytest.mark.parametrize("name", ONCE_UNDESCRIBED)
-def test_once_undescribed_fields_now_have_a_comment(name):
-    assert len(field_docs()[name][1].split()) >= 2, name
+def test_once_undescribed_fields_now_have_a_description(name):
+    assert len(OPTIONS[name].help.split()) >= 2, name
 
 
 def test_defaults_lists_and_per_algorithm_defaults(help_text):
@@ -92,16 +94,20 @@ def test_defaults_lists_and_per_algorithm_defaults(help_text):
     assert "default: 10000000" in found["--num_env_steps"][0]
     assert 'default: ""' in found["--resume"][0]
     assert "default: true" in found["--use_valuenorm"][0]
-    for algo, values in ALGORITHM_DEFAULTS.items():
-        for name in values:
-            assert f"{algo}" in found[f"--{name}"][0] and "default:" in found[f"--{name}"][0]
+    for cls in registry.algorithm_classes():
+        for name, value in cls.defaults.items():
+            if value == FIELDS[name].default:
+                continue
+            assert re.search(rf"; ([a-z0-9]+, )*{cls.name}(, [a-z0-9]+)*: {re.escape(shown(value))}[;)]",
+                             found[f"--{name}"][0]), (cls.name, name, found[f"--{name}"][0])
     assert "hatrpo: 0.0" in found["--entropy_coef"][0]
     assert "mappo, ippo: true" in found["--share_param"][0]
+    assert "default: --clip_param's value" in found["--value_clip_param"][0]
 
 
 def test_choices(help_text):
     found = blocks(help_text)
-    assert " | ".join(ALGORITHMS) in found["--algo"][0]
+    assert " | ".join(registry.NAMES) in found["--algo"][0]
     assert " | ".join(FAMILIES) in found["--env"][0] and "mamujoco" in found["--env"][0]
     assert "relu | tanh" in found["--activation"][0]
     assert "auto | cpu | cuda[:N]" in found["--device"][0]
@@ -112,8 +118,8 @@ def test_flags_grouped_by_section(help_text):
     for section, example in SECTIONS.items():
         assert f"\n{section}:\n" in help_text, section
         assert found[f"--{example}"][1] == section, example
-    for name in FIELDS:
-        assert found[f"--{name}"][1] == field_docs()[name][0] in SECTIONS, name
+    for name, opt in OPTIONS.items():
+        assert found[f"--{name}"][1] == opt.section in SECTIONS, name
 
 
 def test_aliases_and_booleans_listed(help_text):
@@ -125,20 +131,30 @@ def test_aliases_and_booleans_listed(help_text):
 def test_description_and_sweep_flags(help_text):
     flat = " ".join(help_text.split())
     assert "configs/<env>/<task>.yaml" in flat and "per-algorithm defaults" in flat
-    for flag in ("--seeds", "--max_parallel", "--ray_address"):
-        line = next(line for line in help_text.splitlines() if line.strip().startswith(flag + " "))
+    assert "a comma list in --scenario, --agent_conf, --agent_obsk, --obs_mode, --map_name, --algo, --seed" in flat
+    for name, (_, text) in SWEEP_FLAGS.items():
+        line = next(line for line in help_text.splitlines() if line.strip().startswith(f"--{name} "))
         assert len(line.split()) > 3, line  # the flag, a value and a description
-    for flag in ("--seeds", "--max_parallel", "--ray_address"):  # still not this parser's flags
-        with pytest.raises(ConfigError):
-            build_parser().parse_args([flag, "1"])
+        assert squash(text) in squash(help_text), name
+        assert blocks(help_text)[f"--{name}"][1] not in SECTIONS  # in the epilog, not a run's flag
 
 
-def test_parsing_unchanged():
+def test_parsing():
     assert parse_flags([]) == {}
-    assert parse_flags(["--gamma", "0.9", "--no-use-valuenorm", "--hidden-sizes", "64", "64"]) == {
-        "gamma": "0.9", "use_valuenorm": False, "hidden_sizes": "64 64"}
+    assert parse_flags(["--gamma", "0.9", "--no-use-valuenorm", "--hidden-sizes", "64", "64", "--num_env_steps",
+                        "1e6", "--seed=3"]) == {
+        "gamma": 0.9, "use_valuenorm": False, "hidden_sizes": [64, 64], "num_env_steps": 1_000_000, "seed": 3}
     with pytest.raises(ConfigError, match="did you mean --num_env_steps"):
         parse_flags(["--num_env_step", "5"])
+    command = parse_command_line(["--seeds", "3,1,3", "--algo", "hatrpo,happo", "--map-name", "3m",
+                                  "--max_parallel", "2"])
+    assert command.is_sweep and command.flags == {"map_name": "3m"} and command.sweep_flags == {"max_parallel": "2"}
+    assert list(command.axes.items()) == [("algo", ["hatrpo", "happo"]), ("seed", [3, 1])]  # outermost first
+    assert not parse_command_line(["--seed", "1"]).is_sweep
+    with pytest.raises(ConfigError, match="seed expects int; got 'x'"):
+        parse_command_line(["--seed", "1,x"])
+    with pytest.raises(ConfigError, match="not both"):
+        parse_command_line(["--seed", "1", "--seeds", "2,3"])
 
 
 def test_main_help_exits_0(capsys):
@@ -150,6 +166,7 @@ def test_main_help_exits_0(capsys):
     assert "discount factor" in out
 
 
+@pytest.mark.slow
 def test_help_subprocess():
     proc = subprocess.run([sys.executable, "-m", "train.train", "--help"], cwd=REPO,
                           env=dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="100"),
@@ -161,52 +178,45 @@ def test_help_subprocess():
         assert f"--{name}" in proc.stdout, name
 
 
-def test_help_imports_no_environment():
-    code = ("import sys; from train.config import build_parser; build_parser().format_help(); "
-            "print(sorted(m for m in sys.modules if m.startswith(('envs.mamujoco', 'envs.smax', "
-            "'envs.smac', 'jax', 'torch', 'gymnasium'))))")
+@pytest.mark.slow
+def test_parsing_imports_no_torch_and_help_no_environment():
+    """A bad flag is reported without importing torch; --help imports the algorithm classes
+    (their own defaults) but no environment family."""
+    code = ("import sys\n"
+            "from train.config import build_parser, parse_command_line\n"
+            "from utils.errors import ConfigError\n"
+            "def loaded(): return sorted(m for m in sys.modules if m.startswith(('envs.mamujoco', 'envs.smax', "
+            "'envs.smac', 'jax', 'torch', 'gymnasium')))\n"
+            "parse_command_line(['--algo', 'hatrpo', '--seeds', '1,2', '--hidden_sizes', '8', '8'])\n"
+            "try: parse_command_line(['--lr', 'x'])\n"
+            "except ConfigError: pass\n"
+            "print(loaded())\n"
+            "build_parser().format_help()\n"
+            "print([m for m in loaded() if not m.startswith('torch')])\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "[]"
+    assert proc.stdout.split("\n")[:2] == ["[]", "[]"], proc.stdout
 
 
-@dataclass
-class _Sample:
-    # --- first -----------------------------------------------------------------------
-    plain: int = 1  # a plain comment
-    hashed: str = "a#b"  # the '#' in the default is no comment
-    spread: list[int] = field(default_factory=lambda: [1,
-                                                       2])  # after a default over two lines
-    continued: bool = False  # starts here
-    # and goes on here
-    # and here
-
-    # a note after a blank line belongs to nothing
-    # --- second ------------------------------------------------------------------------
-    bare: float = 0.5
-    # a comment after an uncommented field is not its description
-    last: str = "x"  # 50%: percent signs too
-
-    # ---------------------------------------------------------------------------------
-    def method(self) -> None:
-        plain: int = 2  # a local annotation, not a field
-        del plain
+def test_every_field_declares_its_role():
+    """Help and section for every field; the sweep axes, runtime, machine and command-only
+    fields as the command line, --resume and sweeps use them; every per-algorithm field read
+    by some algorithm, and every name an algorithm reads a field."""
+    assert all(opt.help and opt.section for opt in OPTIONS.values())
+    axes = sorted((name for name, opt in OPTIONS.items() if opt.sweep_axis), key=lambda n: OPTIONS[n].sweep_axis)
+    assert axes == ["scenario", "agent_conf", "agent_obsk", "obs_mode", "map_name", "algo", "seed"]
+    assert {name for name, opt in OPTIONS.items() if opt.command_only} == {"config", "resume", "model_dir", "eval_only"}
+    assert {name for name, opt in OPTIONS.items() if opt.runtime} >= {"num_env_steps", "device", "compile"}
+    assert not OPTIONS["n_env_workers"].runtime  # a checkpoint holds the envs split over the workers
+    assert {"device", "torch_threads", "n_env_workers"} <= {name for name, opt in OPTIONS.items() if opt.machine}
+    for name, opt in OPTIONS.items():
+        assert not opt.per_algorithm or registry.readers(name), name
+    for cls in registry.algorithm_classes():
+        assert cls.reads <= FIELDS.keys() and cls.defaults.keys() <= FIELDS.keys(), cls.name
 
 
-def test_field_docs_extraction():
-    docs = field_docs(_Sample)
-    assert docs == {
-        "plain": ("first", "a plain comment"),
-        "hashed": ("first", "the '#' in the default is no comment"),
-        "spread": ("first", "after a default over two lines"),
-        "continued": ("first", "starts here and goes on here and here"),
-        "bare": ("second", ""),
-        "last": ("second", "50%: percent signs too"),
-    }
-    assert [f.name for f in dataclasses.fields(_Sample)] == list(docs)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["train_mujoco.sh", "train_smac.sh", "plot.sh"])
 def test_launch_scripts_ignore_an_exported_cdpath(script, tmp_path):
     """With CDPATH exported, `cd <relative dir>` prints the directory, which the scripts'

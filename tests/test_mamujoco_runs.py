@@ -26,6 +26,8 @@ from tests.processes import interrupt_when  # noqa: E402
 from train.train import main  # noqa: E402
 from utils.logger import varies_by_machine  # noqa: E402
 
+pytestmark = pytest.mark.slow  # real MaMuJoCo training runs
+
 REPO = Path(__file__).resolve().parent.parent
 E, T = 2, 50  # rollout threads x episode length: 100 env steps per iteration
 TINY = ["--n_rollout_threads", str(E), "--episode_length", str(T), "--hidden_sizes", "16,16",

@@ -110,6 +110,7 @@ def test_a_note_only_when_the_code_differs():
     assert provenance.code_change_note([session(a, code="e" * 64)], session(a, code="f" * 64)) is not None
 
 
+@pytest.mark.slow
 def test_a_run_records_each_session(tmp_path, capsys, monkeypatch):
     pytest.importorskip("gymnasium_robotics")
     assert main([*TINY, "--results_dir", str(tmp_path), "--num_env_steps", "100", "--seed", "3"]) == 0

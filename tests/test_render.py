@@ -41,6 +41,7 @@ def mujoco_run(tmp_path_factory) -> Path:
     return results / "mamujoco" / "HalfCheetah-2x3" / "happo" / "default" / "seed-1"
 
 
+@pytest.mark.slow
 def test_mamujoco_mp4(mujoco_run, capsys):
     rc = render_main([str(mujoco_run), "--max_steps", "12", "--episodes", "2"])
     out = capsys.readouterr().out
@@ -54,6 +55,7 @@ def test_mamujoco_mp4(mujoco_run, capsys):
     assert f"wrote {video} (25 frames" in out
 
 
+@pytest.mark.slow
 def test_mamujoco_gif_resized_through_the_script(mujoco_run, tmp_path):
     out = tmp_path / "clip" / "cheetah.gif"
     proc = subprocess.run(["bash", str(REPO / "scripts" / "render.sh"), str(mujoco_run), "--max_steps", "5",
@@ -98,6 +100,7 @@ def test_default_output_beside_the_run_or_the_checkpoint_file(tmp_path):
     assert default_output(tmp_path / "ck" / "run1.pt") == tmp_path / "ck" / "run1.mp4"
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(mujoco_run, tmp_path, capsys):
     cases = [([str(tmp_path / "nowhere")], "no such run directory"),
              ([str(tmp_path)], "no checkpoint at"),
@@ -111,6 +114,7 @@ def test_bad_input_is_one_line(mujoco_run, tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_unwritable_out_is_refused_before_any_episode(mujoco_run, tmp_path, capsys, monkeypatch):
     import runners.evaluate
 
@@ -160,6 +164,7 @@ def jax_compile_cache(tmp_path):
         reset_cache()
 
 
+@pytest.mark.slow
 def test_smax_3m_gif(jaxmarl, jax_compile_cache, tmp_path, capsys):
     rc = train_main([*COMMON, "--env", "smax", "--map_name", "3m", "--results_dir", str(tmp_path),
                      "--n_rollout_threads", "1", "--episode_length", "10", "--num_env_steps", "10",

@@ -114,6 +114,7 @@ def test_bad_map_name_is_a_one_line_config_error():
     assert smax.task_name({"map_name": "2s3z"}) == "2s3z"
 
 
+@pytest.mark.slow
 def test_spec_and_shapes_3m(env3m, run3m):
     spec = env3m.spec
     assert spec.name == "smax/3m" and spec.n_agents == 3 and spec.discrete
@@ -139,6 +140,7 @@ def test_spec_and_shapes_3m(env3m, run3m):
     assert not np.array_equal(first["state"][0], first["state"][1])
 
 
+@pytest.mark.slow
 def test_spec_heterogeneous_map(env2s3z_short):
     spec = env2s3z_short.spec
     assert spec.name == "smax/2s3z" and spec.n_agents == 5
@@ -150,6 +152,7 @@ def test_spec_heterogeneous_map(env2s3z_short):
     assert all(o.flags.c_contiguous for o in step.obs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["random", "focus_fire"])
 def test_episodes_complete_with_win_rate(which, run3m, run3m_focus, env3m):
     steps = run3m[1] if which == "random" else run3m_focus
@@ -185,6 +188,7 @@ def test_episodes_complete_with_win_rate(which, run3m, run3m_focus, env3m):
         assert any(c["win_rate"] == 1.0 for c in completed)
 
 
+@pytest.mark.slow
 def test_dead_agents_inactive(run3m):
     _, steps = run3m
     seen_dead = 0
@@ -202,6 +206,7 @@ def test_dead_agents_inactive(run3m):
     assert seen_dead > 0
 
 
+@pytest.mark.slow
 def test_truncation_at_time_limit(env2s3z_short):
     env = env2s3z_short
     assert env.spec.episode_limit == 11
@@ -222,6 +227,7 @@ def test_truncation_at_time_limit(env2s3z_short):
     assert n_trunc >= 4
 
 
+@pytest.mark.slow
 def test_same_seed_same_trajectory(env3m):
     a = rollout(env3m, env3m.reset(seed=3), 40, seed=9)
     b = rollout(env3m, env3m.reset(seed=3), 40, seed=9)
@@ -230,6 +236,7 @@ def test_same_seed_same_trajectory(env3m):
     assert not np.array_equal(a[0]["state"], c[0]["state"])
 
 
+@pytest.mark.slow
 def test_get_state_set_state_exact_continuation(env3m):
     step = env3m.reset(seed=21)
     rng = np.random.default_rng(1)
@@ -248,18 +255,21 @@ def test_get_state_set_state_exact_continuation(env3m):
     assert env3m._step_fn._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_set_state_rejects_other_map(env3m, env2s3z_short):
     env3m.reset(seed=0)
     with pytest.raises(ValueError):
         env2s3z_short.set_state(env3m.get_state())
 
 
+@pytest.mark.slow
 def test_out_of_range_action_rejected(env3m):
     env3m.reset(seed=0)
     with pytest.raises(ValueError, match="actions must lie"):
         env3m.step([np.full(N_ENVS, 8, np.int64)] * 3)
 
 
+@pytest.mark.slow
 def test_render(env3m):
     env3m.reset(seed=0)
     frame = env3m.render(0)
@@ -269,6 +279,7 @@ def test_render(env3m):
     assert blue.sum() > 20 and red.sum() > 20
 
 
+@pytest.mark.slow
 def test_a_copys_trajectory_does_not_depend_on_n_envs():
     """Copy k's steps and episode starts depend only on (seed, k): the first two copies of
     a 4-copy env and of a 2-copy env play the same 4-step episodes (10 per copy)."""
@@ -286,6 +297,7 @@ def test_a_copys_trajectory_does_not_depend_on_n_envs():
     narrow.close()
 
 
+@pytest.mark.slow
 def test_env_worker_processes_match_one_in_process_env():
     """4 copies over 2 worker processes (the second builds copies 2-3 as its own 0-1, with
     seed + 2) step exactly as 4 in-process copies with the same seed: a seed means the same
@@ -306,6 +318,7 @@ def test_env_worker_processes_match_one_in_process_env():
         local.close()
 
 
+@pytest.mark.slow
 def test_any_integer_seed_works(env3m):
     """Seeds wrap modulo 2**32 (render takes any --seed; evaluation seeds exceed 2**32)."""
     below, wrapped = copy_step(env3m.reset(seed=-1)), copy_step(env3m.reset(seed=2**32 - 1))

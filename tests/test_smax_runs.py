@@ -9,6 +9,8 @@ import yaml
 
 from train.train import main
 
+pytestmark = pytest.mark.slow  # real SMAX training runs
+
 TINY = ["--env", "smax", "--map_name", "3m", "--n_rollout_threads", "4", "--episode_length", "20",
         "--hidden_sizes", "16", "--ppo_epoch", "2", "--critic_epoch", "2", "--eval_episodes", "4",
         "--n_eval_rollout_threads", "4", "--num_env_steps", "160", "--log_interval", "1",

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("gymnasium_robotics")
 pytest.importorskip("mujoco")
 
-from train.config import ConfigError  # noqa: E402
+from train.config import load_config  # noqa: E402
 from train.sweep import main as sweep_main, plan  # noqa: E402
 from train.train import main as train_main  # noqa: E402
 
@@ -64,7 +64,8 @@ def test_plan_expands_the_product_and_passes_other_flags(tmp_path, capsys):
     # the experiment name.
     maps = plan([*TINY, "--results_dir", str(tmp_path), "--env", "smax", "--map-name", "3m,2s3z"])
     assert [run.run_dir.parts[-4] for run in maps.runs] == ["3m", "2s3z"]
-    obsk = plan([*TINY, "--results_dir", str(tmp_path), "--exp_name", "abl", "--agent_obsk", "0,1"])
+    obsk = plan([*TINY, "--results_dir", str(tmp_path), "--exp_name", "abl", "--obs_mode", "local",
+                 "--agent_obsk", "0,1"])
     assert [run.run_dir.parts[-2] for run in obsk.runs] == ["abl-agent_obsk0", "abl-agent_obsk1"]
     assert [run.argv[run.argv.index("--agent_obsk") + 1] for run in obsk.runs] == ["0", "1"]
     capsys.readouterr()
@@ -76,6 +77,27 @@ def test_plan_expands_the_product_and_passes_other_flags(tmp_path, capsys):
     assert all(r.argv[r.argv.index("--torch_threads") + 1] == "2" for r in given.runs)
 
 
+def test_each_run_gets_the_config_its_sweep_planned(tmp_path, monkeypatch):
+    """The sweep parses its command line once and resolves one Config per run; the flags a
+    run is started with resolve to that same Config in the run's own process."""
+    import train.config
+
+    user = tmp_path / "user.yaml"
+    user.write_text("common:\n  lr: 0.001\n  kl_threshold: 0.02\n")
+    calls = []
+    build = train.config.build_parser
+    monkeypatch.setattr(train.config, "build_parser", lambda: calls.append(1) or build())
+    sweep = plan([*TINY, "--results_dir", str(tmp_path), "--algo", "happo,hatrpo,mappo", "--seeds", "1,2",
+                  "--config", str(user), "--agent_obsk", "0,1", "--obs_mode", "local", "--clip_param", "0.1"])
+    assert len(calls) == 1 and len(sweep.runs) == 12
+    for run in sweep.runs:
+        assert load_config(run.argv) == run.config, run.label
+        assert (run.config.torch_threads, run.config.progress) == (1, False)
+    hatrpo = next(run for run in sweep.runs if run.config.algo == "hatrpo")
+    assert hatrpo.config.kl_threshold == 0.02 and hatrpo.config.value_clip == 0.1
+
+
+@pytest.mark.slow
 def test_a_sweep_that_dropped_a_flag_from_a_run_continues_it(tmp_path, capsys):
     """--lr is dropped from the HATRPO run; running the same sweep again must recognise that
     run's saved settings as its own, not refuse it as 'other settings'."""
@@ -88,6 +110,7 @@ def test_a_sweep_that_dropped_a_flag_from_a_run_continues_it(tmp_path, capsys):
     assert [run.resumed for run in again.runs] == [False, True]
 
 
+@pytest.mark.slow
 def test_local_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
     results = tmp_path / "results"
     rc = train_main([*TINY, "--results_dir", str(results), "--algo", ",".join(ALGOS),
@@ -97,6 +120,7 @@ def test_local_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
     assert "at most 2 at a time, on this machine" in out
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     results = tmp_path / "results"
     taken = run_dir(results, "happo", 2)
@@ -114,6 +138,7 @@ def test_a_failed_run_is_reported_and_the_others_finish(tmp_path, capsys):
     assert "1/2 run(s) succeeded" in out
 
 
+@pytest.mark.slow
 def test_a_run_directory_with_other_settings_stops_the_sweep_before_it_starts(tmp_path, capsys):
     results = tmp_path / "results"
     assert train_main([*TINY, "--results_dir", str(results), "--seed", "2", "--lr", "0.001"]) == 0
@@ -125,6 +150,7 @@ def test_a_run_directory_with_other_settings_stops_the_sweep_before_it_starts(tm
     assert not run_dir(results, "happo", 1).exists()
 
 
+@pytest.mark.slow
 def test_the_same_sweep_again_continues_it(tmp_path, capsys):
     results = tmp_path / "results"
     sweep = [*TINY, "--results_dir", str(results), "--algo", "happo", "--seeds", "1,2", "--max_parallel", "2"]
@@ -140,6 +166,7 @@ def test_the_same_sweep_again_continues_it(tmp_path, capsys):
     assert "already at 200 env steps" in log and "--resume" in log.splitlines()[-2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGHUP], ids=["ctrl-c", "hangup"])
 def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path, stop):
     """The sweep passes the signal on to its runs (each in a session of its own): they save a
@@ -170,6 +197,7 @@ def test_interrupted_sweep_exits_130_and_the_same_command_finishes_it(tmp_path, 
         assert (run_dir(results, "happo", seed) / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_interrupted_ray_sweep_saves_its_runs(tmp_path):
     """Ctrl-C of a sweep on a local Ray cluster: its runs save a checkpoint and stop, as a
     local sweep's do. Cancelling the Ray tasks and shutting Ray down had killed them unsaved
@@ -193,6 +221,7 @@ def test_interrupted_ray_sweep_saves_its_runs(tmp_path):
         assert (run_dir(results, "happo", seed) / "checkpoints" / "last.pt").is_file(), out
 
 
+@pytest.mark.slow
 def test_ray_sweep_2_seeds_x_2_algorithms(tmp_path, capsys):
     pytest.importorskip("ray", reason="ray is not installed (pip install ray)")
     results = tmp_path / "results"
@@ -221,6 +250,8 @@ def test_bad_flags_are_rejected_before_anything_starts(tmp_path, capsys):
     (["--seeds", "1,2", "--max_parallel", "0"], "--max_parallel must be a positive integer"),
     (["--map_name", "3m,8m"], "--map_name does not apply to --env mamujoco"),
     (["--seeds", "1,2", "--resume", "somewhere"], "cannot be part of a sweep"),
+    (["--seed", "1,x"], "seed expects int; got 'x'"),
+    (["--seeds", "1,2", "--ray_address", " "], "--ray_address needs a value"),
 ])
 def test_other_sweep_errors(tmp_path, capsys, flags, message):
     assert sweep_main([*TINY, "--results_dir", str(tmp_path / "r"), *flags]) == 2

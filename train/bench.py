@@ -27,10 +27,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import torch._dynamo.config
 
 from algorithms.base import MaybeCompiled
+from envs.registry import make_vec_env
+from train.config import ConfigError, load_config
+from train.sweep import has_flag
+from train.train import main as train_main
 
 
 def _peak_kib(pid: int) -> int:
@@ -57,8 +62,6 @@ class ChildPeaks(threading.Thread):
         self._done = threading.Event()
 
     def sample(self) -> None:
-        import psutil
-
         total, now = 0, time.time()
         for child in psutil.Process().children(recursive=True):
             try:
@@ -99,8 +102,6 @@ def random_actions(spec, step, rng: np.random.Generator, E: int) -> list[np.ndar
 
 def given(flags: list[str], name: str) -> bool:
     """Whether ``--name`` (or ``--name-with-dashes``, with or without ``=value``) is in flags."""
-    from train.sweep import has_flag
-
     return has_flag(flags, f"--{name}", f"--{name.replace('_', '-')}")
 
 
@@ -115,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     if known.iterations <= 0:
         print("error: --iterations must be a positive integer", file=sys.stderr)
         return 2
-    from train.config import ConfigError, load_config
-    from train.train import main as train_main
-
     # The benchmark sets these itself; given, they would be silently overridden.
     for name, instead in (("num_env_steps", "use --iterations"), ("results_dir", "nothing is kept"),
                           ("use_eval", "it measures training only"), ("resume", "it starts a fresh run"),
@@ -171,8 +169,6 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = summary["wall_seconds"]
 
     # The same envs with random actions: what the simulator alone allows.
-    from envs.registry import make_vec_env
-
     env = make_vec_env(base, n_envs=base.n_rollout_threads, seed=base.seed)
     rng = np.random.default_rng(0)
     step = env.reset(base.seed)

@@ -40,7 +40,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from train.config import ConfigError, load_config
 from train.sweep import absolutize_paths, drop_flag
+from train.train import ensure_writable, is_sweep, run_dir_for
+from utils.checkpoint import CheckpointError, load_checkpoint
 from utils.logger import varies_by_machine
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,9 +143,6 @@ def _flag_value(flags: list[str], *names: str) -> str | None:
 def check_chaos_dir(chaos_dir: Path, flag: str) -> None:
     """Last of the checks (it creates the directory). An earlier experiment's runs there would
     make the new uninterrupted run refuse to start, and only after the checks ran."""
-    from train.config import ConfigError
-    from train.train import ensure_writable
-
     held = [name for name in ("uninterrupted", "killed") if (chaos_dir / name).exists()]
     if held:
         raise ConfigError(f"{flag} {chaos_dir} already holds runs ({', '.join(held)}): choose an empty "
@@ -156,9 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     if opts.help:
         print(__doc__)
         return 0
-    from train.config import ConfigError, load_config
-    from train.train import is_sweep, run_dir_for
-
     try:
         if opts.kills < 0:
             raise ConfigError(f"--kills must be >= 0; got {opts.kills}")
@@ -220,8 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     seconds_per_step = float(summary["wall_seconds"]) / max(int(summary["env_steps"]), 1)
 
     # 2. killed and resumed
-    from utils.checkpoint import CheckpointError, load_checkpoint
-
     last = run_dir / "checkpoints" / "last.pt"
     kills, loads_ok, starts, failure = 0, True, 0, None
     budget = int(cfg["num_env_steps"])

@@ -20,13 +20,16 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # before anything imports mujoco
 
 import numpy as np  # noqa: E402
 
+from envs.registry import make_vec_env  # noqa: E402
 from train.config import ConfigError, config_from_dict  # noqa: E402
+from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 FORMATS = (".mp4", ".gif")
 
@@ -241,8 +244,6 @@ class FrameWriter:
                 self.writer = imageio.get_writer(self.tmp, format="GIF", mode="I",
                                                  duration=1000.0 / self.fps, loop=0)
         if self.count == 0:  # the first frame starts ffmpeg; JAX (SMAX) warns about any fork
-            import warnings
-
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
                 self.writer.append_data(frame)
@@ -273,14 +274,14 @@ def default_fps(env) -> int:
 
 
 def render(argv: list[str]) -> int:
+    args = parse_args(argv)
+    # torch, and the modules that import it, load once the arguments are read: --help and
+    # a bad flag answer without the second or two it takes.
     import torch
 
-    from envs.registry import make_vec_env
     from runners.evaluate import eval_seed, evaluate, policy_from_checkpoint
-    from utils.checkpoint import CheckpointError, load_checkpoint
     from utils.device import resolve_device, set_threads
 
-    args = parse_args(argv)
     source = Path(args.run_dir)
     if not source.exists():
         raise ConfigError(f"{source}: no such run directory")

@@ -1,17 +1,20 @@
 """Sweeps: the cartesian product of comma lists, each run in its own process.
 
 ``python -m train.train --algo happo,hatrpo --seeds 1,2,3 --max_parallel 3 [flags]``
-(``train.train`` hands any command line with a comma list in ``--algo``, ``--seed`` or
-a task flag (``--scenario``, ``--agent_conf``, ``--agent_obsk``, ``--map_name``: every
-family's ``TASK_FLAGS``), or with ``--seeds``, ``--max_parallel`` or ``--ray_address``, to
-``main`` here).
+(``train.train`` hands any command line with a comma list in a sweep axis flag (``--algo``,
+``--seed`` and the task flags: ``--scenario``, ``--agent_conf``, ``--agent_obsk``,
+``--obs_mode``, ``--map_name``), or with ``--seeds``, ``--max_parallel`` or
+``--ray_address``, to ``run`` here; ``main`` is the same from an argv).
 
-* Every run is ``python -m train.train <flags> --no-progress`` in the repository root,
-  with one torch thread unless ``--torch_threads`` (flag or config file) says otherwise.
-  Every other flag passes through unchanged, except that relative ``--results_dir`` and
-  ``--config`` paths are made absolute: they mean what they mean for a single run started
-  where the sweep was started.
-* All runs are validated before any starts (bad flags: one line, exit status 2).
+* The command line is parsed once; each combination's flags resolve to its ``Config``
+  (train/config.py), and all runs are validated before any starts (bad flags: one line,
+  exit status 2).
+* Every run is ``python -m train.train <its flags> --no-progress`` in the repository root,
+  its flags written from the flags that resolved its Config (``flags_to_argv``): the
+  sweep's flags with the combination's values, relative ``--results_dir`` and ``--config``
+  paths made absolute (they mean what they mean for a single run started where the sweep
+  was started), one torch thread unless ``--torch_threads`` (flag or config file) says
+  otherwise, and without the flags the run does not read (``--ppo_epoch`` in a HATRPO run).
 * At most ``--max_parallel`` runs at a time (default: the number of CPU cores).
 * A run's output goes to ``<results_dir>/sweep-logs/<env>_<task>_<algo>_<exp>_seed<n>.log``
   (appended to, after a header line naming the sweep).
@@ -27,6 +30,7 @@ family's ``TASK_FLAGS``), or with ``--seeds``, ``--max_parallel`` or ``--ray_add
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import itertools
 import json
@@ -40,29 +44,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from envs.registry import TASK_FLAGS
-from train.config import (DEFAULT_ENV_VARIABLE, REPO_ROOT, STOP_SIGNALS, ConfigError, load_config, parse_flags,
-                          unused_flags)
+from envs.registry import task_name
+from train.config import (DEFAULT_ENV_VARIABLE, REPO_ROOT, CommandLine, Config, config_from_dict, fields_where,
+                          flags_to_argv, parse_command_line, read_yaml, resolve, run_dir_for, unused_flags)
 from utils.dirlock import try_lock
+from utils.errors import STOP_SIGNALS, ConfigError
 
-# Task flags of every env family (envs/registry.py), then algorithm and seed: outermost first.
-ORDER = (*dict.fromkeys(name for names in TASK_FLAGS.values() for name in names), "algo", "seed")
-# canonical key -> the spellings accepted on the command line
-SWEEPABLE = {key: (f"--{key}",) + ((f"--{key.replace('_', '-')}",) if "_" in key else ()) for key in ORDER}
-SWEEP_ONLY = {
-    "seeds": ("--seeds",),
-    "max_parallel": ("--max_parallel", "--max-parallel"),
-    "ray_address": ("--ray_address", "--ray-address"),
-}
-PATH_FLAGS = ("--config",)
 LOG_TAIL_LINES = 20
 
 
 @dataclass
 class Run:
     label: str  # e.g. "HalfCheetah-2x3 happo seed 1"
-    argv: list[str]  # flags for train.train
+    config: Config  # what it trains
+    argv: list[str]  # flags for train.train, written from the flags that resolved ``config``
     run_dir: Path
     log: Path
     returncode: int | None = None
@@ -84,41 +81,8 @@ class Run:
         return self.error or next((line for line in reversed(self.tail) if line.strip()), "(no output)")
 
 
-# -- command line ---------------------------------------------------------------------------
-def split_argv(argv: list[str]) -> tuple[dict[str, str], list[str]]:
-    """Pull the sweepable and sweep-only flags out of ``argv``.
-
-    Returns ({canonical key: raw value}, the remaining tokens in their original order).
-    A flag given twice keeps its last value (as argparse does).
-    """
-    spelling = {s: key for table in (SWEEPABLE, SWEEP_ONLY) for key, names in table.items() for s in names}
-    values: dict[str, str] = {}
-    rest: list[str] = []
-    k = 0
-    while k < len(argv):
-        token = argv[k]
-        name, eq, inline = token.partition("=")
-        if name in spelling:
-            if eq:
-                value = inline
-                k += 1
-            elif k + 1 < len(argv):
-                value = argv[k + 1]
-                k += 2
-            else:
-                raise ConfigError(f"argument {name}: expected one argument")
-            values[spelling[name]] = value
-            continue
-        rest.append(token)
-        k += 1
-    return values, rest
-
-
-def comma_list(flag: str, value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",")]
-    if not all(items):
-        raise ConfigError(f"--{flag}: empty item in the list {value!r}")
-    return list(dict.fromkeys(items))  # drop repeats, keep order
+# -- argv tokens (train/chaos.py and train/bench.py edit command lines they pass on) -------------
+PATH_FLAGS = ("--config",)
 
 
 def absolutize_paths(tokens: list[str]) -> list[str]:
@@ -152,91 +116,97 @@ def has_flag(tokens: list[str], *names: str) -> bool:
     return any(t.partition("=")[0] in names for t in tokens)
 
 
+# -- planning ------------------------------------------------------------------------------------
 @dataclass
 class Plan:
     runs: list[Run]
     max_parallel: int
     ray_address: str | None
+    max_parallel_given: bool = False  # --max_parallel on the command line (bounds a Ray cluster too)
 
 
-def changed_settings(config, run_dir: Path) -> str:
+def changed_settings(config: Config, run_dir: Path) -> str:
     """The settings in which ``config`` differs from the run saved in ``run_dir`` (runtime
-    flags aside), as "name: saved -> new, ..."; empty if none or if no config.yaml is there."""
-    from train.config import RUNTIME_FIELDS, config_from_dict, read_yaml
-
+    and command-only fields aside), as "name: saved -> new, ..."; empty if none or if no
+    config.yaml is there."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         return ""
     saved = config_from_dict(read_yaml(path), str(path)).to_dict()
-    ignored = {*RUNTIME_FIELDS, "config", "model_dir", "eval_only"}
+    ignored = {*fields_where("runtime"), *fields_where("command_only")}
     return ", ".join(f"{key}: {saved[key]!r} -> {value!r}" for key, value in config.to_dict().items()
                      if key not in ignored and saved[key] != value)
 
 
-def plan(argv: list[str]) -> Plan:
-    """Expand, validate and name every run; raises ConfigError (nothing started)."""
-    from envs.registry import task_name
-    from train.train import run_dir_for
-
-    values, rest = split_argv(argv)
-    if "seeds" in values and "seed" in values:
-        raise ConfigError("give --seed or --seeds, not both")
-    if "seeds" in values:
-        values["seed"] = values.pop("seeds")
+def _sweep_options(command: CommandLine) -> tuple[int, str | None]:
+    """--max_parallel and --ray_address, checked."""
     max_parallel = os.cpu_count() or 1
-    if "max_parallel" in values:
-        raw = values.pop("max_parallel")
+    if "max_parallel" in command.sweep_flags:
+        raw = command.sweep_flags["max_parallel"]
         try:
             max_parallel = int(raw)
         except ValueError:
             max_parallel = 0
         if max_parallel <= 0:
             raise ConfigError(f"--max_parallel must be a positive integer; got {raw!r}")
-    ray_address = values.pop("ray_address", None)
+    ray_address = command.sweep_flags.get("ray_address")
     if ray_address is not None and not ray_address.strip():
         raise ConfigError("--ray_address needs a value: auto, local or <host:port>")
-    for name in ("--resume", "--eval_only", "--eval-only", "--model_dir", "--model-dir"):
-        if has_flag(rest, name):
-            raise ConfigError(f"{name} cannot be part of a sweep (resume or evaluate runs one at a time)")
-    rest = absolutize_paths(rest)
-    axes = [(key, comma_list(key, values[key])) for key in ORDER if key in values]
+    return max_parallel, ray_address
+
+
+def _run_flags(flags: dict[str, Any], described: str) -> tuple[dict[str, Any], Config, dict[str, str]]:
+    """One combination's flags, less those its run does not read, with the Config they
+    resolve to and the reasons for the ones dropped."""
+    try:
+        config = resolve(flags, warn_unused=False)
+        unused = unused_flags(config, flags)
+        if unused:  # a flag only some runs read (--ppo_epoch in --algo happo,hatrpo) goes to those
+            flags = {key: value for key, value in flags.items() if key not in unused}
+            config = resolve(flags, warn_unused=False)
+    except ConfigError as exc:
+        raise ConfigError(f"run {described or '(single)'}: {exc}") from None
+    return flags, config, unused
+
+
+def plan(command: list[str] | CommandLine) -> Plan:
+    """Expand, validate and name every run of a sweep (argv, or one already parsed); raises
+    ConfigError (nothing started)."""
+    if not isinstance(command, CommandLine):
+        command = parse_command_line(command)
+    max_parallel, ray_address = _sweep_options(command)
+    for name in fields_where("command_only"):
+        if name != "config" and name in command.flags:
+            raise ConfigError(f"--{name} cannot be part of a sweep (resume or evaluate runs one at a time)")
+    shared = dict(command.flags)
+    if shared.get("config"):
+        shared["config"] = os.path.abspath(shared["config"])
     runs: list[Run] = []
     seen: dict[Path, str] = {}
-    for combo in itertools.product(*(items for _, items in axes)):
-        fixed = [tok for (key, _), value in zip(axes, combo) for tok in (f"--{key}", value)]
-        child = [*rest, *fixed]
-        described = " ".join(f"--{key} {value}" for (key, _), value in zip(axes, combo))
-        try:
-            config = load_config(child, warn_unused=False)
-        except ConfigError as exc:
-            raise ConfigError(f"run {described or '(single)'}: {exc}") from None
-        # A flag only some runs read (--ppo_epoch in --algo happo,hatrpo) goes to those runs;
-        # one that no run reads gets the single run's warning, once (below).
-        unused = unused_flags(config, parse_flags(child))
-        if unused:
-            for name in unused:
-                child = drop_flag(child, f"--{name}", f"--{name.replace('_', '-')}")
-            config = load_config(child, warn_unused=False)  # what the run will save, to compare on a re-run
+    unused_in_every_run: dict[str, str] = {}
+    for combo in itertools.product(*command.axes.values()):
+        values = dict(zip(command.axes, combo))
+        described = " ".join(f"--{key} {value}" for key, value in values.items())
+        flags, config, unused = _run_flags({**shared, **values}, described)
         unused_in_every_run = unused if not runs else {k: v for k, v in unused_in_every_run.items() if k in unused}
-        # A swept task flag that the run directory does not name (MaMuJoCo's --agent_obsk)
-        # goes into --exp_name, so its runs get directories (and plot rows) of their own.
-        settings = config.to_dict()
-        task = task_name(settings)
-        for (key, items), value in zip(axes, combo):
-            if key in ("algo", "seed") or len(items) < 2:
-                continue
-            if any(task_name({**settings, key: other}) == task for other in items if other != value):
-                config.exp_name = f"{config.exp_name}-{key}{value}".replace("/", "_")
-                child = [*drop_flag(child, "--exp_name", "--exp-name"), "--exp_name", config.exp_name]
+        # What the sweep sets for every run, as flags, so the run's own parse gives this Config.
+        extra: dict[str, Any] = {}
+        # A swept flag that the run directory does not name (MaMuJoCo's --agent_obsk) goes
+        # into --exp_name, so its runs get directories (and plot rows) of their own.
+        for key, value in values.items():
+            if any(run_dir_for(dataclasses.replace(config, **{key: other})) == run_dir_for(config)
+                   for other in command.axes[key] if other != value):
+                extra["exp_name"] = f"{extra.get('exp_name', config.exp_name)}-{key}{value}".replace("/", "_")
         if config.torch_threads == 0:  # not chosen by a flag or a config file
-            child += ["--torch_threads", "1"]
+            extra["torch_threads"] = 1
         if not os.path.isabs(config.results_dir):  # relative to where the sweep started, as for one run
-            config.results_dir = os.path.abspath(config.results_dir)
-            child = [*drop_flag(child, "--results_dir", "--results-dir"), "--results_dir", config.results_dir]
-        if os.environ.get(DEFAULT_ENV_VARIABLE) and not has_flag(child, "--env"):
-            child += ["--env", config.env]  # a Ray worker does not inherit the launch script's variable
-        child.append("--no-progress")
-        run_dir = run_dir_for(config)
+            extra["results_dir"] = os.path.abspath(config.results_dir)
+        if os.environ.get(DEFAULT_ENV_VARIABLE) and "env" not in flags:
+            extra["env"] = config.env  # a Ray worker does not inherit the launch script's variable
+        extra["progress"] = False
+        config = dataclasses.replace(config, **extra)
+        flags = {**{k: v for k, v in flags.items() if k not in extra}, **extra}
+        run_dir, task = run_dir_for(config), task_name(config.to_dict())
         if run_dir in seen:
             raise ConfigError(f"runs {seen[run_dir]!r} and {described!r} would share the run directory "
                               f"{run_dir}; sweep them separately, each with its own --exp_name")
@@ -248,18 +218,19 @@ def plan(argv: list[str]) -> Plan:
         # the run's own config and refuses a changed flag (one line), so a reused --exp_name with
         # other settings fails rather than mixing two configs in one run.
         resumed = any((run_dir / name).exists() for name in ("checkpoints", "metrics.csv", "config.yaml"))
+        argv = flags_to_argv(flags)
         if resumed:
             changed = changed_settings(config, run_dir)
             if changed:
                 raise ConfigError(f"run {described or '(single)'}: {run_dir} holds a run with other settings "
                                   f"({changed}); choose another --exp_name, or give the run's own settings "
                                   "to continue it")
-            child = ["--resume", str(run_dir), *drop_flag(child, "--config")]
-        runs.append(Run(label=f"{task} {config.algo} {config.exp_name} seed {config.seed}",
-                        argv=child, run_dir=run_dir, log=log, resumed=resumed))
+            argv = ["--resume", str(run_dir), *flags_to_argv({k: v for k, v in flags.items() if k != "config"})]
+        runs.append(Run(label=f"{task} {config.algo} {config.exp_name} seed {config.seed}", config=config,
+                        argv=argv, run_dir=run_dir, log=log, resumed=resumed))
     for name, why in unused_in_every_run.items():
         print(f"warning: --{name} has no effect in any run of this sweep: {why}", file=sys.stderr, flush=True)
-    return Plan(runs, max_parallel, ray_address)
+    return Plan(runs, max_parallel, ray_address, "max_parallel" in command.sweep_flags)
 
 
 # -- executing one run (also the body of a Ray task: standard library only) --------------------
@@ -491,9 +462,21 @@ def _wait_for_runs(runs: list[Run], timeout: float = 300.0) -> None:
 
 # -- entry point -------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    """``python -m train.sweep [flags]``: the sweep ``argv`` describes (the same flags as
+    ``python -m train.train``); exit status as in the module docstring."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        sweep = plan(argv)
+        command = parse_command_line(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return run(command)
+
+
+def run(command: CommandLine) -> int:
+    """Plan, validate and execute the sweep of a parsed command line."""
+    try:
+        sweep = plan(command)
         if sweep.ray_address:
             try:
                 import ray  # noqa: F401
@@ -512,8 +495,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(--resume): {', '.join(run.label for run in resumed)}", flush=True)
     if sweep.ray_address:
         try:
-            interrupted = execute_ray(runs, sweep.ray_address, sweep.max_parallel,
-                                      has_flag(argv, *SWEEP_ONLY["max_parallel"]))
+            interrupted = execute_ray(runs, sweep.ray_address, sweep.max_parallel, sweep.max_parallel_given)
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

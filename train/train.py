@@ -15,19 +15,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from train.config import (RUNTIME_FIELDS, STOP_SIGNALS, Config, ConfigError, config_from_dict, load_config,
-                          parse_flags, read_yaml, save_config)
-from train.sweep import SWEEP_ONLY, SWEEPABLE
+from envs.base import EnvError
+from envs.registry import make_vec_env
+from runners import runner_class
+from train import sweep
+from train.config import (CommandLine, Config, config_from_dict, fields_where, load_config, parse_command_line,
+                          read_yaml, run_dir_for, save_config)
 from utils import provenance
+from utils.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from utils.dirlock import try_lock
-from utils.checkpoint import CheckpointError
-
-
-def run_dir_for(config: Config) -> Path:
-    from envs.registry import task_name
-
-    return (Path(config.results_dir) / config.env / task_name(config.to_dict()) / config.algo
-            / config.exp_name / f"seed-{config.seed}")
+from utils.errors import STOP_SIGNALS, ConfigError
 
 
 def ensure_writable(directory: Path, flag: str) -> None:
@@ -45,16 +42,14 @@ def ensure_writable(directory: Path, flag: str) -> None:
 
 def resume_config(flags: dict) -> tuple[Config, dict]:
     """Config of the run being resumed, with runtime flags (steps, device, ...) applied.
-    ``flags``: the flags on the command line (``parse_flags``)."""
-    from utils.checkpoint import checkpoint_path, load_checkpoint
-
+    ``flags``: the Config fields given on the command line (``CommandLine.flags``)."""
     run_dir = Path(flags["resume"])
     if run_dir.is_file():
         raise ConfigError(f"--resume takes the run directory, not a file; got {run_dir}")
     if not run_dir.is_dir():
         raise ConfigError(f"--resume {run_dir}: no such run directory")
-    for key in ("config", "model_dir", "eval_only"):
-        if key in flags:
+    for key in fields_where("command_only"):
+        if key in flags and key != "resume":
             raise ConfigError(f"--{key} cannot be used with --resume: a resumed run keeps its own "
                               "config (runtime flags such as --num_env_steps still apply)")
     checkpoint = None
@@ -84,7 +79,7 @@ def resume_config(flags: dict) -> tuple[Config, dict]:
             if Path(value).resolve() != Path(saved.results_dir).resolve():
                 print(f"warning: --results_dir has no effect with --resume: the run continues in {run_dir}",
                       file=sys.stderr, flush=True)
-        elif key in RUNTIME_FIELDS:
+        elif key in fields_where("runtime"):
             overrides[key] = value
         elif value != getattr(saved, key):
             raise ConfigError(f"--{key} cannot change when resuming (the run used {getattr(saved, key)!r})")
@@ -124,12 +119,10 @@ EVAL_SETTINGS = ("eval_episodes", "n_eval_rollout_threads", "device", "torch_thr
 
 
 def evaluate_only(config: Config, given: dict) -> int:
-    """``given``: the flags on the command line (``parse_flags``)."""
+    """``given``: the Config fields given on the command line (``CommandLine.flags``)."""
     import torch
 
-    from envs.registry import make_vec_env
     from runners.evaluate import eval_seed, evaluate, policy_from_checkpoint
-    from utils.checkpoint import load_checkpoint
     from utils.device import resolve_device, set_threads
 
     if not config.model_dir:
@@ -162,16 +155,9 @@ def evaluate_only(config: Config, given: dict) -> int:
 
 
 def is_sweep(argv: list[str]) -> bool:
-    """A comma list in a sweepable flag (or a sweep-only flag) makes this a sweep."""
-    for k, token in enumerate(argv):
-        name, _, inline = token.partition("=")
-        if any(name in spellings for spellings in SWEEP_ONLY.values()):
-            return True
-        if any(name in spellings for spellings in SWEEPABLE.values()):
-            value = inline or (argv[k + 1] if k + 1 < len(argv) else "")
-            if "," in value:
-                return True
-    return False
+    """A comma list in a sweep axis flag (or a sweep flag) makes ``argv`` a sweep;
+    ConfigError if it does not parse."""
+    return parse_command_line(argv).is_sweep
 
 
 class StartupSignals:
@@ -221,10 +207,13 @@ def remove_empty(directories: list[Path]) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    if is_sweep(argv):
-        from train.sweep import main as sweep_main
-
-        return sweep_main(argv)
+    try:
+        command = parse_command_line(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if command.is_sweep:
+        return sweep.run(command)
     startup = StartupSignals()
     if hasattr(signal, "pthread_sigmask"):
         # A launcher may have blocked them, and children inherit the mask (a Ray worker blocks
@@ -234,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     new_dirs: list[Path] = []  # directories this start creates
     held: list[int] = []  # the run directory's lock (lock_run_dir)
     try:
-        return start(argv, startup, new_dirs, held)
+        return start(command, startup, new_dirs, held)
     except KeyboardInterrupt:  # a second Ctrl-C: stop now, one line rather than a traceback
         remove_empty(new_dirs)
         print("\ninterrupted: stopped at once; the last checkpoint, if any, is kept", file=sys.stderr)
@@ -246,11 +235,11 @@ def main(argv: list[str] | None = None) -> int:
             os.close(fd)
 
 
-def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path], held: list[int]) -> int:
-    """Train, resume or evaluate as the flags say; ``new_dirs`` collects the directories
-    created, ``held`` the run directory's lock."""
+def start(command: CommandLine, startup: StartupSignals, new_dirs: list[Path], held: list[int]) -> int:
+    """Train, resume or evaluate as the command line says; ``new_dirs`` collects the
+    directories created, ``held`` the run directory's lock."""
     try:
-        flags = parse_flags(argv)
+        flags = command.flags
         if flags.get("resume"):
             config, checkpoint = resume_config(flags)
             run_dir = Path(config.resume)
@@ -269,7 +258,7 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path], held: 
                 signal.signal(stop, signal.default_int_handler)
             return evaluate_only(config_from_dict(flags, "command line"), flags)
         else:
-            config, checkpoint = load_config(argv), None
+            config, checkpoint = load_config(command), None
             if config.model_dir:
                 raise ConfigError("--model_dir is read only with --eval_only; to continue a run use "
                                   "--resume <run dir>")
@@ -281,10 +270,8 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path], held: 
                                   f"--resume {run_dir} or choose another --exp_name/--seed")
             ensure_writable(run_dir, "--results_dir")
             lock_run_dir(run_dir, held)
-        record = provenance.session_record(argv)  # git runs here, before JAX starts threads
-        from envs.base import EnvError
-        from runners.runner import Runner
-        from utils.device import resolve_device, set_threads
+        record = provenance.session_record(command.argv)  # git runs here, before JAX starts threads
+        from utils.device import resolve_device, set_threads  # torch
 
         if startup.received is not None:  # before the runner is built: nothing to save
             remove_empty(new_dirs)
@@ -295,7 +282,7 @@ def start(argv: list[str], startup: StartupSignals, new_dirs: list[Path], held: 
         try:
             threads = set_threads(config.torch_threads)
             device = resolve_device(config.device)
-            runner = Runner(config, run_dir, device, checkpoint)
+            runner = runner_class(config)(config, run_dir, device, checkpoint)
         except (ConfigError, EnvError) as exc:
             if checkpoint is None:  # rejected while building (e.g. --share_param on unequal agents)
                 remove_empty(new_dirs)  # leave no empty run directory behind

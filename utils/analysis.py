@@ -15,6 +15,14 @@ A run directory is ``<results_dir>/<env>/<task>/<algo>/<exp_name>/seed-<n>/`` an
 
 Errors caused by user input raise :class:`AnalysisError`, whose message is one line;
 ``train/plot.py`` turns it into exit status 2.
+
+The statistics are those of ``rliable`` (Agarwal et al., NeurIPS 2021), which RL papers
+and ``marl-eval`` report: the IQM is its ``aggregate_iqm`` (``scipy.stats.trim_mean`` at
+0.25) and the band its percentile bootstrap over runs, which for the runs of one task is
+what its stratified bootstrap does. They are written out here, a few lines each, because
+rliable 1.2.0 (the latest) requires ``arch < 8``, and arch 7 does not import with the
+pandas 3 this project is locked to; tests/test_analysis.py checks them against their
+definitions.
 """
 from __future__ import annotations
 
@@ -27,7 +35,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
+from envs import registry
 from utils import provenance
 
 # metric name -> key in summary.json holding its final value (other metrics: same name)
@@ -79,8 +89,6 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
     try:
-        import yaml
-
         data = yaml.safe_load(path.read_text())
     except Exception:  # a broken config must not hide the run's metrics
         return {}
@@ -100,8 +108,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 def _task_from_config(config: dict[str, Any]) -> str | None:
     """Task name as the trainers spell it (``envs.registry.task_name``, e.g.
     ``Humanoid-9_8`` or ``3m``) for a family the registry knows; ``None`` otherwise."""
-    from envs import registry
-
     if config.get("env") not in registry.FAMILIES:
         return None
     try:
@@ -410,11 +416,14 @@ def interpolate_seeds(curves: list[tuple[np.ndarray, np.ndarray]], grid: np.ndar
 
 def bootstrap_ci(values: np.ndarray, n_resamples: int = 2000, confidence: float = 0.95,
                  seed: int = 0) -> tuple[np.ndarray, np.ndarray] | None:
-    """Percentile bootstrap confidence interval of the mean over seeds.
+    """Percentile bootstrap confidence interval of the mean over seeds (rliable's
+    ``get_interval_estimates(..., method="percentile")`` for one task).
 
     ``values`` has shape ``(n_seeds, n_points)``; seeds are resampled with replacement
-    ``n_resamples`` times (fixed RNG ``seed``, so the band is reproducible). Returns
-    ``(low, high)``, each shape ``(n_points,)``, or ``None`` with fewer than two seeds.
+    ``n_resamples`` times (fixed RNG ``seed``, so the band is reproducible), one draw of
+    seeds serving every point. Returns ``(low, high)``, each shape ``(n_points,)``: the
+    ``(1 - confidence) / 2`` and ``(1 + confidence) / 2`` quantiles (linear interpolation,
+    as ``np.percentile``) of the resampled means; ``None`` with fewer than two seeds.
     """
     values = np.asarray(values, dtype=float)
     n_seeds = values.shape[0]
@@ -432,8 +441,9 @@ def bootstrap_ci(values: np.ndarray, n_resamples: int = 2000, confidence: float 
 
 
 def iqm(values: np.ndarray) -> float:
-    """Interquartile mean: the mean of the middle 50% after dropping floor(n/4) values
-    from each end (the same as ``scipy.stats.trim_mean(values, 0.25)``)."""
+    """Interquartile mean: the mean of what is left after dropping floor(n/4) values from
+    each end, i.e. ``scipy.stats.trim_mean(values, 0.25)``, rliable's ``aggregate_iqm``
+    (which trims whole values: no fractional weighting of the values at the cut)."""
     x = np.sort(np.asarray(values, dtype=float))
     cut = int(math.floor(0.25 * len(x)))
     return float(np.mean(x[cut:len(x) - cut]))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import ctypes
 import json
 import os
 import tempfile
@@ -10,18 +11,18 @@ from pathlib import Path
 
 import torch
 
-from train.config import ConfigError
+from utils.errors import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine (use --device cpu or auto)")
+        raise ConfigError("CUDA is not available on this machine (use cpu or auto)", field="device", value=name)
     device = torch.device(name)
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+        raise ConfigError(f"this machine has {torch.cuda.device_count()} CUDA device(s), "
+                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}", field="device", value=name)
     return device
 
 
@@ -34,8 +35,6 @@ def tune_allocator() -> None:
     trim thresholds makes freed blocks reusable. Linux/glibc only; a no-op elsewhere.
     """
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
         libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)

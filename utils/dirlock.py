@@ -5,15 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no locking (try_lock returns None)
+    fcntl = None
+
 
 def try_lock(directory: Path) -> int | None:
     """Lock ``directory``: the descriptor holding the lock (closing it releases it), or None
     where no lock is possible (not POSIX, or a file system that refuses flock on
     directories, as some NFS set-ups do). Raises BlockingIOError while another process
     holds it."""
-    try:
-        import fcntl
-    except ImportError:
+    if fcntl is None:
         return None
     fd = os.open(directory, os.O_RDONLY)
     try:

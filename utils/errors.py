@@ -6,7 +6,24 @@ import signal
 
 
 class ConfigError(ValueError):
-    """Bad user input. The message is one line naming what is wrong and what is valid."""
+    """Bad user input. The message is one line naming what is wrong and what is valid.
+
+    A library module words ``message`` in its own terms ("HalfCheetah has no partition
+    '3x3' (known: 2x3, 6x1)") and names the setting at fault in ``field`` (and, where it
+    helps, the value given in ``value``). Settings and command-line flags share their
+    names, so ``str()`` puts the flag in front for the one line the command line prints:
+    ``--agent_conf: HalfCheetah has no partition '3x3' (known: 2x3, 6x1)``.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None):
+        super().__init__(message)
+        self.message, self.field, self.value = message, field, value
+
+    def __str__(self) -> str:
+        if self.field is None:
+            return self.message
+        given = "" if self.value is None else f" {self.value}"
+        return f"--{self.field}{given}: {self.message}"
 
 
 # Signals that stop a run with a checkpoint (exit 130): Ctrl-C, a kill or a scheduler's

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.config import ConfigError
+import psutil
+
 from utils.checkpoint import CheckpointError, atomic_write_bytes
+from utils.errors import ConfigError
 
 
 # metrics.csv columns that describe the machine, not the learning: they differ between two
@@ -27,8 +29,6 @@ def resident_mb() -> float:
     """Resident memory of this process plus its children (env worker processes), summed, in
     MB (pages they share count once per process). Logged with every row, so memory that
     grows over a long run shows up in the curves."""
-    import psutil
-
     proc = psutil.Process()
     total = proc.memory_info().rss
     for child in proc.children(recursive=True):
@@ -56,8 +56,8 @@ def _start_wandb(run_dir: Path, config):
                           mode=os.environ.get("WANDB_MODE", "online"), reinit=True)
     except wandb.errors.Error as exc:  # no API key, a rejected key, no network, ...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--wandb: Weights & Biases did not start ({reason}); run `wandb login`, "
-                          "or set WANDB_MODE=offline to log without an account") from None
+        raise ConfigError(f"Weights & Biases did not start ({reason}); run `wandb login`, "
+                          "or set WANDB_MODE=offline to log without an account", field="wandb") from None
 
 
 def _remove_tb_events(tb_dir: Path) -> None:
