@@ -374,5 +374,3 @@ class MADDPG(OffPolicyMARL):
     defaults = {**COMMON_DEFAULTS, "n_step": 20}
     reads = COMMON_READS
 
-
-OFF_POLICY_ALGORITHMS = {cls.name: cls for cls in (HATD3, HADDPG, MATD3, MADDPG)}

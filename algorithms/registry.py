@@ -40,6 +40,11 @@ LOCATIONS = {
     "maddpg": "algorithms.off_policy:MADDPG",
 }
 NAMES = tuple(LOCATIONS)
+# Each class's family, readable without importing it (checking a config needs no torch);
+# algorithm_class checks it against the class's own declaration.
+FAMILY_OF = {"happo": "on-policy", "hatrpo": "on-policy", "mappo": "on-policy", "ippo": "on-policy",
+             "hatd3": "off-policy", "haddpg": "off-policy", "matd3": "off-policy", "maddpg": "off-policy"}
+assert FAMILY_OF.keys() == LOCATIONS.keys() and set(FAMILY_OF.values()) <= set(FAMILIES)
 
 
 def check_name(name: str) -> None:
@@ -56,9 +61,10 @@ def algorithm_class(name: str) -> type:
     module, _, attribute = LOCATIONS[name].partition(":")
     cls = getattr(importlib.import_module(module), attribute)
     missing = [key for key in DECLARED if key not in dir(cls)]
-    if missing or cls.name != name or cls.family not in FAMILIES or not set(cls.action_kinds) <= set(ACTION_KINDS):
-        raise TypeError(f"{LOCATIONS[name]} must declare {', '.join(DECLARED)} (name {name!r}, family one of "
-                        f"{', '.join(FAMILIES)}, action_kinds among {', '.join(ACTION_KINDS)}); missing: {missing}")
+    if (missing or cls.name != name or cls.family != FAMILY_OF[name]
+            or not set(cls.action_kinds) <= set(ACTION_KINDS)):
+        raise TypeError(f"{LOCATIONS[name]} must declare {', '.join(DECLARED)} (name {name!r}, family "
+                        f"{FAMILY_OF[name]!r}, action_kinds among {', '.join(ACTION_KINDS)}); missing: {missing}")
     return cls
 
 
@@ -72,12 +78,19 @@ def readers(field: str) -> list[type]:
     return [cls for cls in algorithm_classes() if field in cls.reads]
 
 
+def _one_of(names: list[str]) -> str:
+    """``a, b or c``."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def make_algorithm(config: Any, spec: Any, device: Any):
     """``config.algo``'s class built for ``spec`` (an envs.base.EnvSpec); ConfigError if the
     algorithm does not support the task's action space."""
     cls = algorithm_class(config.algo)
     kind = spec.agents[0].action_kind
     if kind not in cls.action_kinds:
-        raise ConfigError(f"--algo {cls.name} supports {' and '.join(cls.action_kinds)} actions; "
-                          f"{spec.name} has {kind} ones")
+        usable = [other.name for other in algorithm_classes() if kind in other.action_kinds]
+        instead = f"; use {_one_of(usable)} there" if usable else ""
+        raise ConfigError(f"--algo {cls.name} needs {' or '.join(cls.action_kinds)} actions and {spec.name} "
+                          f"has {kind} ones{instead}")
     return cls(config, spec, device)

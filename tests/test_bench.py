@@ -68,3 +68,16 @@ def test_child_peaks_counts_the_memory_of_live_children():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_bench_of_the_off_policy_family_measures_updating_iterations(capsys):
+    rc = bench.main(["--algo", "hatd3", "--iterations", "3", "--hidden_sizes", "16,16", "--batch_size", "32",
+                     "--n_rollout_threads", "2", "--train_interval", "10"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["workload"].startswith("hatd3 mamujoco/HalfCheetah-2x3 2x10 batch=32 updates/iteration=10")
+    assert result["env_steps"] == 3 * 2 * 10
+    # the warm-up is the first iteration alone: the measured ones update
+    assert result["seconds"]["update"] > 0 and {"critic", "actor", "sample"} <= set(result["update_seconds"])
+    assert result["seconds"]["update"] >= sum(result["update_seconds"].values()) * 0.99

@@ -248,7 +248,7 @@ def test_a_runs_config_yaml_passed_as_config_repeats_its_settings(finished_run, 
     again = load_config(["--config", str(path), "--exp_name", "again"])
     assert {**again.to_dict(), "exp_name": "default", "config": ""} == saved
     assert load_config(["--config", str(path), "--algo", "hatrpo"]).algo == "hatrpo"  # the flag wins
-    # Written before 244de2d, a resumed run's file names its --config and its directory: ignored.
+    # Older versions wrote the --config file and the resumed directory into a run's config.yaml: ignored.
     old = write(tmp_path / "old.yaml", yaml.safe_dump({**saved, "config": "my.yaml", "resume": str(finished_run)}))
     capsys.readouterr()
     assert {**load_config(["--config", str(old)]).to_dict(), "config": ""} == saved
@@ -319,7 +319,7 @@ def test_an_algorithm_refuses_an_action_space_it_does_not_support():
         if "discrete" in cls.action_kinds:
             assert registry.make_algorithm(config, discrete, torch.device("cpu")).config is config
         else:
-            with pytest.raises(ConfigError, match=f"--algo {cls.name} supports continuous actions"):
+            with pytest.raises(ConfigError, match=f"--algo {cls.name} needs continuous actions"):
                 registry.make_algorithm(config, discrete, torch.device("cpu"))
 
 

@@ -303,6 +303,7 @@ def test_evaluations_draw_disjoint_seeds_and_repeat_exactly():
 def test_runner_that_fails_to_build_closes_its_env_workers(tmp_path, monkeypatch):
     """A ConfigError raised after the envs exist (here: --share_param over agents with
     different observation sizes) must not leave env worker processes running."""
+    import runners.base
     import runners.runner as runner_module
     from train.config import ConfigError
 
@@ -312,8 +313,8 @@ def test_runner_that_fails_to_build_closes_its_env_workers(tmp_path, monkeypatch
         made.append(runner_module_make(*args, **kwargs))
         return made[-1]
 
-    runner_module_make = runner_module.make_vec_env
-    monkeypatch.setattr(runner_module, "make_vec_env", recording_make_vec_env)
+    runner_module_make = runners.base.make_vec_env
+    monkeypatch.setattr(runners.base, "make_vec_env", recording_make_vec_env)
     config = Config(agent_conf="6x1", agent_obsk=1, share_param=True, n_rollout_threads=2, n_env_workers=2,
                     hidden_sizes=[8]).validate()
     with pytest.raises(ConfigError, match="share_param"):

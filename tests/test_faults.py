@@ -710,9 +710,12 @@ def test_smax_resume_from_a_mid_run_checkpoint_is_exact(saves, capsys, tmp_path)
 def test_chaos_comparison_catches_gaps_duplicates_and_divergence():
     from train.chaos import compare, expected_env_steps
 
-    cfg = {"n_rollout_threads": 2, "episode_length": 50, "num_env_steps": 950, "log_interval": 3,
-           "use_eval": True, "eval_interval": 4}
+    cfg = {"algo": "happo", "n_rollout_threads": 2, "episode_length": 50, "num_env_steps": 950,
+           "log_interval": 3, "use_eval": True, "eval_interval": 4}
     assert expected_env_steps(cfg) == [300, 400, 600, 800, 900, 1000]
+    # an off-policy iteration is --train_interval vector steps (--episode_length is not read)
+    assert expected_env_steps({**cfg, "algo": "hatd3", "train_interval": 25}) == [150, 200, 300, 400, 450, 600,
+                                                                                  750, 800, 900, 950]
     ref = [{"env_steps": str(s), "wall_seconds": "1", "sps": "5", "time/env_s": "2", "rss_mb": "700",
             "torch_threads": "2", "loss": str(s / 7)} for s in expected_env_steps(cfg)]
     # A resumed run differs in every column about the machine (utils.logger.MACHINE_COLUMNS).

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 import utils.replay
-from algorithms.off_policy import (COMMON_DEFAULTS, HADDPG, HATD3, MADDPG, MATD3, OFF_POLICY_ALGORITHMS,
-                                   MLPEnsemble, OffPolicyMARL)
+from algorithms.off_policy import COMMON_DEFAULTS, HADDPG, HATD3, MADDPG, MATD3, MLPEnsemble, OffPolicyMARL
+from algorithms.registry import algorithm_class
 from envs.base import AgentSpec, EnvSpec, EnvStep
 from train.config import FIELDS, OPTIONS, Config, ConfigError
 from utils.checkpoint import CheckpointError
@@ -36,7 +36,7 @@ def tiny_spec(n_agents: int = 2, obs_dim: int = 1, act_dim: int = 1, state_dim: 
 
 
 def tiny_config(algo: str = "hatd3", **overrides) -> Config:
-    values = {**OFF_POLICY_ALGORITHMS[algo].defaults, "algo": algo, "hidden_sizes": [], **overrides}
+    values = {**algorithm_class(algo).defaults, "algo": algo, "hidden_sizes": [], **overrides}
     return dataclasses.replace(Config(), **values)
 
 
@@ -500,6 +500,7 @@ def test_a_discrete_action_env_is_refused_in_one_line():
     ({"train_interval": 1, "update_per_train": 0.4}, "rounds to no gradient update"),
 ])
 def test_runner_refuses_settings_that_would_never_train(monkeypatch, tmp_path, overrides, message):
+    import runners.base
     import runners.off_policy_runner as runner_module
 
     class ContinuousEnv:
@@ -509,13 +510,14 @@ def test_runner_refuses_settings_that_would_never_train(monkeypatch, tmp_path, o
         def close(self):
             pass
 
-    monkeypatch.setattr(runner_module, "make_vec_env", lambda *a, **k: ContinuousEnv())
+    monkeypatch.setattr(runners.base, "make_vec_env", lambda *a, **k: ContinuousEnv())
     config = tiny_config("hatd3", n_rollout_threads=2, n_step=10, **overrides)
     with pytest.raises(ConfigError, match=message):
         runner_module.OffPolicyRunner(config, tmp_path, torch.device("cpu"))
 
 
 def test_runner_refuses_a_discrete_action_env_and_closes_it(monkeypatch, tmp_path):
+    import runners.base
     import runners.off_policy_runner as runner_module
 
     closed = []
@@ -527,7 +529,7 @@ def test_runner_refuses_a_discrete_action_env_and_closes_it(monkeypatch, tmp_pat
         def close(self):
             closed.append(True)
 
-    monkeypatch.setattr(runner_module, "make_vec_env", lambda *a, **k: DiscreteEnv())
+    monkeypatch.setattr(runners.base, "make_vec_env", lambda *a, **k: DiscreteEnv())
     with pytest.raises(ConfigError) as info:
         runner_module.OffPolicyRunner(tiny_config("maddpg"), tmp_path, torch.device("cpu"))
     assert "--algo maddpg needs continuous actions" in str(info.value) and "\n" not in str(info.value)
@@ -538,7 +540,7 @@ def test_runner_refuses_a_discrete_action_env_and_closes_it(monkeypatch, tmp_pat
 @pytest.mark.parametrize("cls,n_step,td3,sequential", [(HATD3, 10, True, True), (HADDPG, 20, False, True),
                                                        (MATD3, 10, True, False), (MADDPG, 20, False, False)])
 def test_class_attributes_describe_each_method(cls, n_step, td3, sequential):
-    assert OFF_POLICY_ALGORITHMS[cls.name] is cls and issubclass(cls, OffPolicyMARL)
+    assert algorithm_class(cls.name) is cls and issubclass(cls, OffPolicyMARL)
     assert cls.family == "off-policy" and cls.action_kinds == ("continuous",) and cls.compiles_actor_loss is False
     assert (cls.td3, cls.sequential) == (td3, sequential)
     assert cls.defaults["n_step"] == n_step  # the reference's HalfCheetah 2x3 value

@@ -24,7 +24,7 @@ pytest.importorskip("gymnasium_robotics")
 pytest.importorskip("mujoco")
 
 import runners.off_policy_runner as runner_module  # noqa: E402
-from algorithms.off_policy import OFF_POLICY_ALGORITHMS  # noqa: E402
+from algorithms.registry import algorithm_class  # noqa: E402
 from train.config import Config  # noqa: E402
 from utils.checkpoint import CheckpointError, checkpoint_path, load_checkpoint  # noqa: E402
 from utils.logger import varies_by_machine  # noqa: E402
@@ -43,7 +43,7 @@ SUMMARY_KEYS = {"algo", "env", "task", "seed", "env_steps", "iterations", "eval_
 
 
 def make_config(algo: str, **overrides) -> Config:
-    return dataclasses.replace(Config(), **{**OFF_POLICY_ALGORITHMS[algo].defaults, "algo": algo, **TINY,
+    return dataclasses.replace(Config(), **{**algorithm_class(algo).defaults, "algo": algo, **TINY,
                                             "num_env_steps": BUDGET, **overrides})
 
 
@@ -100,7 +100,7 @@ def check_run_files(run_dir: Path, algo: str, budget: int, n_agents: int) -> lis
     # 25 updates per iteration from the one that completes the 200 warm-up steps (the 4th) on
     assert [int(r["updates"]) for r in rows if r["updates"]] == [25 * (s // PER_ITERATION - 3) for s in steps[1:]]
     assert all(math.isfinite(float(r["critic_loss"])) for r in rows[1:])
-    per_agent = [f"agent{i}/actor_loss" for i in range(n_agents)] if OFF_POLICY_ALGORITHMS[algo].sequential \
+    per_agent = [f"agent{i}/actor_loss" for i in range(n_agents)] if algorithm_class(algo).sequential \
         else ["actor_loss"]
     assert all(all(r[key] != "" for key in per_agent) for r in rows[1:]), per_agent
     assert int(rows[-1]["replay_transitions"]) == 600  # wrapped: the ring is full

@@ -1,22 +1,24 @@
 """Throughput benchmark: ``bash scripts/bench.sh [--iterations N] [training flags]``.
 
-Runs a fixed training workload through the real runner (default: the reference
-implementation's HalfCheetah 2x3 workload: HAPPO with the tuned config, 20 envs x 200
-steps per update, CPU; our config's longer 500-step rollouts, tuned for learning with
-few envs, are not used unless ``--episode_length`` says so) for ``--iterations`` updates, then
+Runs a fixed training workload through the real runner (default: HAPPO on HalfCheetah 2x3
+with its task file, 20 envs x 200 steps per update, the reference implementation's
+workload, on the CPU; ``--algo hatd3`` etc.: the off-policy family with its task-file
+section, warm-up ending with the first iteration) for ``--iterations`` iterations, then
 steps the same vectorised envs with random actions for as many env steps. The last
 line printed is one JSON object:
 
-    {"sps": training env-steps/s (iterations 2..N: start-up such as JIT compiles
-     excluded; "sps_with_startup" includes it), "env_only_sps": ..., "seconds":
-     {"env": .., "inference": .., "buffer": .., "update": .., "other": ..} (iterations
-     2..N), "peak_rss_mb": .., ...}
+    {"sps": training env-steps/s (iterations 2..N: start-up such as JIT compiles and the
+     off-policy warm-up excluded; "sps_with_startup" includes it), "env_only_sps": ...,
+     "seconds": {"env": .., "inference": .., "buffer": .., "update": .., "other": ..}
+     (iterations 2..N), "update_seconds": {"critic": .., "actor": .., "sample": ..,
+     "polyak": ..} (off-policy: the parts of "update"), "peak_rss_mb": .., ...}
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import resource
@@ -134,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    steps_per_iter = base.n_rollout_threads * base.episode_length
+    # Off-policy warm-up ends with the first iteration, which the steady-state figures leave
+    # out, so every measured iteration updates.
+    off_policy = base.off_policy
+    steps_per_vector_env = base.train_interval if off_policy else base.episode_length
+    steps_per_iter = base.steps_per_iteration
+    if off_policy and not given(rest, "warmup_steps"):
+        rest = rest + ["--warmup_steps", str(steps_per_iter)]
+        base = dataclasses.replace(base, warmup_steps=steps_per_iter)
     total = known.iterations * steps_per_iter
     with tempfile.TemporaryDirectory() as tmp:
         flags = rest + ["--num_env_steps", str(total), "--results_dir", tmp, "--no-use_eval",
@@ -160,11 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     steady_seconds = float(steady[-1]["wall_seconds"]) - (float(rows[0]["wall_seconds"]) if len(rows) > 1 else 0.0)
     steady_steps = int(steady[-1]["env_steps"]) - (int(rows[0]["env_steps"]) if len(rows) > 1 else 0)
     phases: dict[str, float] = {}
+    update_parts: dict[str, float] = {}  # off-policy: time/update_<part>_s, within time/update_s
     for row in steady:
         for key, value in row.items():
             if key.startswith("time/") and value:
                 phase = key[len("time/"):-len("_s")]
-                phases[phase] = phases.get(phase, 0.0) + float(value)
+                parts = update_parts if phase.startswith("update_") else phases
+                phase = phase[len("update_"):] if phase.startswith("update_") else phase
+                parts[phase] = parts.get(phase, 0.0) + float(value)
     phases["other"] = max(steady_seconds - sum(phases.values()), 0.0)
     train_seconds = summary["wall_seconds"]
 
@@ -178,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         if env.spec.discrete:
             actions = random_actions(env.spec, step, rng, env.n_envs)
     t0 = time.perf_counter()
-    for _ in range(known.iterations * base.episode_length):
+    for _ in range(known.iterations * steps_per_vector_env):
         step = env.step(actions)
         if env.spec.discrete:
             actions = random_actions(env.spec, step, rng, env.n_envs)
@@ -186,13 +198,20 @@ def main(argv: list[str] | None = None) -> int:
     env.close()
     # What ran: --compile, not switched off by TORCH_COMPILE_DISABLE, and no fall-back.
     compiled = base.compiles_actor_loss and not torch._dynamo.config.disable and not MaybeCompiled.fell_back
-    result = {"workload": f"{base.algo} {env.spec.name} {base.n_rollout_threads}x{base.episode_length} "
-                          f"epochs={base.ppo_epoch} minibatches={base.actor_num_mini_batch} "
-                          f"hidden={base.hidden_sizes} workers={base.n_env_workers} "
-                          f"compile={'on' if compiled else 'off'}",
+    if off_policy:
+        updates = round(base.train_interval * base.update_per_train)
+        workload = (f"{base.algo} {env.spec.name} {base.n_rollout_threads}x{base.train_interval} "
+                    f"batch={base.batch_size} updates/iteration={updates} hidden={base.hidden_sizes}")
+    else:
+        workload = (f"{base.algo} {env.spec.name} {base.n_rollout_threads}x{base.episode_length} "
+                    f"epochs={base.ppo_epoch} minibatches={base.actor_num_mini_batch} "
+                    f"hidden={base.hidden_sizes} workers={base.n_env_workers} "
+                    f"compile={'on' if compiled else 'off'}")
+    result = {"workload": workload,
               "iterations": known.iterations, "env_steps": total,
               "sps": round(steady_steps / steady_seconds, 1), "env_only_sps": round(env_only_sps, 1),
               "seconds": {k: round(v, 3) for k, v in phases.items()},
+              **({"update_seconds": {k: round(v, 3) for k, v in update_parts.items()}} if update_parts else {}),
               "sps_with_startup": round(total / train_seconds, 1), "train_seconds": round(train_seconds, 3),
               "process_seconds": round(wall, 3), "peak_rss_mb": round(peak_rss_mb(children_kib), 1),
               "torch_threads": torch.get_num_threads()}

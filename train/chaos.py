@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from algorithms.registry import FAMILY_OF
 from train.config import ConfigError, load_config
 from train.sweep import absolutize_paths, drop_flag
 from train.train import ensure_writable, is_sweep, run_dir_for
@@ -59,7 +60,10 @@ def read_rows(run_dir: Path) -> list[dict[str, str]]:
 
 def iterations(config: dict[str, Any]) -> tuple[int, int]:
     """(env steps per iteration, iterations the run trains for)."""
-    per_iter = int(config["n_rollout_threads"]) * int(config["episode_length"])
+    # An on-policy iteration is one rollout; an off-policy one, --train_interval vector steps.
+    off_policy = FAMILY_OF[str(config["algo"])] == "off-policy"
+    steps = config["train_interval"] if off_policy else config["episode_length"]
+    per_iter = int(config["n_rollout_threads"]) * int(steps)
     return per_iter, -(-int(config["num_env_steps"]) // per_iter)
 
 

@@ -224,11 +224,11 @@ class Config:
                                        "update; in (0, 1]", positive=True)
     n_step: int = _off_policy(10, "n-step TD returns; a time-limit cut bootstraps, a termination does not",
                               positive=True)
-    expl_noise: float = _off_policy(0.1, "std of the Gaussian exploration noise, as a fraction of the action "
-                                         "range", minimum=0)
-    policy_noise: float = _off_policy(0.2, "TD3 target-policy smoothing noise std (fraction of the action "
-                                           "range)", minimum=0)
-    noise_clip: float = _off_policy(0.5, "TD3 target-policy noise clip (fraction of the action range)",
+    expl_noise: float = _off_policy(0.1, "std of the Gaussian exploration noise, as a fraction of half the "
+                                         "action range (MaMuJoCo's is [-1, 1]: half of it is 1)", minimum=0)
+    policy_noise: float = _off_policy(0.2, "TD3 target-policy smoothing noise std (fraction of half the "
+                                           "action range)", minimum=0)
+    noise_clip: float = _off_policy(0.5, "TD3 target-policy noise clip (fraction of half the action range)",
                                     minimum=0)
     policy_freq: int = _off_policy(2, "TD3: actor and target updates every policy_freq critic updates",
                                    positive=True)
@@ -254,6 +254,17 @@ class Config:
         """Whether ``--compile`` applies: an algorithm whose actor loss compiles, feed-forward actors."""
         return (self.compile and not self.use_recurrent_policy
                 and algorithms.algorithm_class(self.algo).compiles_actor_loss)
+
+    @property
+    def off_policy(self) -> bool:
+        """Whether ``--algo`` is of the off-policy family (algorithms/registry.py)."""
+        return algorithms.FAMILY_OF[self.algo] == "off-policy"
+
+    @property
+    def steps_per_iteration(self) -> int:
+        """Env steps of one iteration: a rollout of --episode_length vector steps (on-policy),
+        or --train_interval vector steps before their updates (off-policy)."""
+        return self.n_rollout_threads * (self.train_interval if self.off_policy else self.episode_length)
 
     @property
     def value_clip(self) -> float:
@@ -293,10 +304,11 @@ class Config:
             raise ConfigError(f"--hidden_sizes must be positive integers; got {self.hidden_sizes}")
         if self.device not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", self.device):
             raise ConfigError(f"--device must be auto, cpu or cuda[:N]; got {self.device!r}")
-        per_iteration = self.n_rollout_threads * self.episode_length
-        if self.num_env_steps < per_iteration:
+        per_iteration = self.n_rollout_threads * self.episode_length  # one on-policy batch
+        if self.num_env_steps < self.steps_per_iteration:
+            length = "--train_interval" if self.off_policy else "--episode_length"
             raise ConfigError(f"--num_env_steps ({self.num_env_steps}) is less than one iteration: "
-                              f"--n_rollout_threads x --episode_length = {per_iteration} env steps")
+                              f"--n_rollout_threads x {length} = {self.steps_per_iteration} env steps")
         if self.n_rollout_threads % self.n_env_workers:
             raise ConfigError(f"--n_rollout_threads ({self.n_rollout_threads}) must be divisible "
                               f"by --n_env_workers ({self.n_env_workers})")
