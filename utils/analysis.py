@@ -37,13 +37,14 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from algorithms import registry as algorithms
 from envs import registry
 from utils import provenance
 
 # metric name -> key in summary.json holding its final value (other metrics: same name)
 SUMMARY_KEYS = {"eval_return": "eval_return_mean", "eval_win_rate": "eval_win_rate"}
 # fixed colour per known algorithm, so a given algorithm looks the same in every figure
-ALGO_ORDER = ("happo", "hatrpo", "mappo", "ippo")
+ALGO_ORDER = algorithms.NAMES  # the registry's order
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 NOT_METRICS = {"env_steps"}
