@@ -33,7 +33,7 @@ import yaml
 from algorithms import registry as algorithms
 from envs import registry as envs
 from utils.checkpoint import atomic_write_bytes
-from utils.errors import STOP_SIGNALS, ConfigError  # noqa: F401  (STOP_SIGNALS re-exported)
+from utils.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
