@@ -319,9 +319,9 @@ def render_section(suite: Suite, rows: list[Row], figure_link: str) -> str:
     for commit, labels in by_commit.items():  # the commit leads the line: the docs tests allow it there
         runs = "; ".join(f"{label} seeds {', '.join(seeds)}" for label, seeds in labels.items())
         lines.append(f"Runs at commit {commit}: {runs}.  ")
-    if any(commit.endswith("+") for commit in by_commit):
-        lines.append("(A `+` marks a start from that commit with uncommitted changes; each run's "
-                     "`run_info.json` holds their hash.)")
+    if by_commit:
+        lines.append("(The commit each run started from; a `+` marks uncommitted changes on top. A run "
+                     "resumed later lists every session's commit and diff hash in its `run_info.json`.)")
     lines += ["", "Commands (each trains, or resumes, the row's seeds; `--results_dir` as you like):", ""]
     for row in rows:
         lines.append(f"- {row.task} {row.algo} [{row.experiment.exp_name}]: `{row.command}`")
