@@ -98,9 +98,7 @@ def _require(mapping: dict, key: str, kind: type, where: str):
     if key not in mapping:
         raise ConfigError(f"{where}: missing key {key!r}")
     value = mapping[key]
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+    if not isinstance(value, kind) or isinstance(value, bool):  # YAML's true is no int
         raise ConfigError(f"{where}: {key} must be a {kind.__name__}; got {value!r}")
     return value
 
