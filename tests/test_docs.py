@@ -60,15 +60,15 @@ def commit_ids(path: Path, name: str | None = None) -> list[tuple[int, str]]:
     return found
 
 
-def prose_lines(text: str) -> list[str]:
-    """The lines of a Markdown text outside fenced code blocks, inline code removed."""
+def prose_lines(text: str, keep_inline_code: bool = False) -> list[str]:
+    """The lines of a Markdown text outside fenced code blocks, inline code removed unless
+    ``keep_inline_code`` (headings render it as text)."""
     lines, fenced = [], False
     for line in text.splitlines():
         if FENCE.match(line.strip()):
             fenced = not fenced
-            continue
-        if not fenced:
-            lines.append(re.sub(r"`[^`]*`", "", line))
+        elif not fenced:
+            lines.append(line if keep_inline_code else re.sub(r"`[^`]*`", "", line))
     return lines
 
 
@@ -88,7 +88,7 @@ def anchors(path: Path) -> set[str]:
     text = path.read_text(encoding="utf-8")
     found: set[str] = set()
     seen: dict[str, int] = {}
-    for line in prose_lines_keep_code(text):
+    for line in prose_lines(text, keep_inline_code=True):
         heading = re.match(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
         if heading:
             base = github_anchor(heading.group(1))
@@ -97,17 +97,6 @@ def anchors(path: Path) -> set[str]:
             seen[base] = n + 1
     found.update(re.findall(r"<a\s+(?:name|id)=\"([^\"]+)\"", text))
     return found
-
-
-def prose_lines_keep_code(text: str) -> list[str]:
-    """Lines outside fenced code blocks, inline code kept (headings render it as text)."""
-    lines, fenced = [], False
-    for line in text.splitlines():
-        if FENCE.match(line.strip()):
-            fenced = not fenced
-        elif not fenced:
-            lines.append(line)
-    return lines
 
 
 def broken_link(source: Path, target: str) -> str | None:
