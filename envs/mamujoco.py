@@ -179,7 +179,9 @@ class MaMuJoCoVecEnv(VecEnv):
         # observation_structure) build local observations in the wrapper's own _get_obs.
         factorization = first.observation_factorization
         self._obs_index = None if factorization is None else [np.asarray(factorization[a]) for a in agents]
-        self._fast_obs = factorization is not None and self._index_map_matches(self._make)
+        # The global setting reads no local observations: no probe env to build and step.
+        self._fast_obs = (not self._global_obs and factorization is not None
+                          and self._index_map_matches(self._make))
         act_dims = [int(first.action_space(a).shape[0]) for a in agents]
         state_dim = int(first.state().shape[0])
         if self._global_obs:  # the simulator's observation, then a one-hot agent id
