@@ -28,6 +28,10 @@ The actors' step is the only thing the family members differ in:
   the joint action of the current actors. (HARL's MADDPG runner takes the other agents'
   actions from the replay sample instead.)
 
+``preact_penalty`` > 0 (not in the reference) adds ``preact_penalty * mean(MLP_i(o_i)^2)``
+to each actor's loss, on the pre-activation under its tanh: without it an action component
+can saturate for good (``own_action``).
+
 Shapes: B = batch size, N = agents, K = critics (2 for TD3, 1 for DDPG).
 """
 from __future__ import annotations
@@ -60,7 +64,8 @@ def activation_module(name: str) -> nn.Module:
 
 
 class DeterministicActor(nn.Module):
-    """``mu(o) = centre + half_range * tanh(MLP(o))``: [B, obs_dim] -> [B, act_dim] in bounds."""
+    """``mu(o) = centre + half_range * tanh(MLP(o))``: [B, obs_dim] -> [B, act_dim] in bounds.
+    ``MLP(o)`` is the pre-activation (``preactivation``)."""
 
     def __init__(self, spec: AgentSpec, hidden_sizes: list[int], activation: str = "relu"):
         super().__init__()
@@ -69,13 +74,16 @@ class DeterministicActor(nn.Module):
         for size in hidden_sizes:
             layers += [nn.Linear(dim, size), activation_module(activation)]
             dim = size
-        self.mlp = nn.Sequential(*layers, nn.Linear(dim, spec.action_dim), nn.Tanh())
+        self.mlp = nn.Sequential(*layers, nn.Linear(dim, spec.action_dim))
         self.low, self.high = float(spec.action_low), float(spec.action_high)
         self.half_range = (self.high - self.low) / 2
         self.centre = (self.high + self.low) / 2
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.mlp(obs) * self.half_range + self.centre
+        return self.squash(self.mlp(obs))
+
+    def squash(self, preactivation: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(preactivation) * self.half_range + self.centre
 
 
 class MLPEnsemble(nn.Module):
@@ -126,13 +134,15 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "update_per_train": 1.0, "polyak": 0.005, "expl_noise": 0.1, "use_proper_time_limits": True,
     "eval_interval": 200, "eval_episodes": 40, "n_eval_rollout_threads": 20, "log_interval": 10,
     "save_interval": 20}
+SATURATED_PREACTIVATION = math.atanh(0.99)  # |tanh| > 0.99: within 1 % of a bound
 TD3_DEFAULTS: dict[str, Any] = {"policy_noise": 0.2, "noise_clip": 0.5, "policy_freq": 2}
 # The per-algorithm config fields (optimisation, off-policy and networks settings) the
 # algorithm, its buffer and the off-policy runner read; the fields every run reads (seed,
 # n_rollout_threads, evaluation, logging, ...) are not listed.
 COMMON_READS = frozenset({
     "hidden_sizes", "activation", "lr", "critic_lr", "gamma", "use_proper_time_limits", "buffer_size",
-    "batch_size", "warmup_steps", "train_interval", "update_per_train", "polyak", "n_step", "expl_noise"})
+    "batch_size", "warmup_steps", "train_interval", "update_per_train", "polyak", "n_step", "expl_noise",
+    "preact_penalty"})
 TD3_READS = frozenset({"policy_noise", "noise_clip", "policy_freq"})
 
 
@@ -155,6 +165,7 @@ class OffPolicyMARL:
         self.config, self.spec, self.device = config, spec, torch.device(device)
         self.n_agents = spec.n_agents
         self.polyak, self.expl_noise = config.polyak, config.expl_noise
+        self.preact_penalty = config.preact_penalty
         self.policy_freq = config.policy_freq if self.td3 else 1
         self.fixed_order = self.sequential and config.fixed_order
         hidden, act = list(config.hidden_sizes), config.activation
@@ -236,18 +247,30 @@ class OffPolicyMARL:
         """The first critic's Q(s, a) [B]: what the actors ascend (as in TD3)."""
         return self.critic.member(torch.cat([state, *actions], 1), 0).squeeze(-1)
 
+    def own_action(self, i: int, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Agent i's differentiable action [B, act_dim_i], its pre-activation penalty
+        ``preact_penalty * mean(MLP(o)^2)`` (keeps tanh from saturating for good: where
+        |MLP(o)| is large, dQ/dMLP(o) vanishes while Adam's normalised steps go on pushing it
+        out) and the fraction of its components within 1 % of a bound (a diagnostic)."""
+        actor = self.actors[i]
+        pre = actor.mlp(obs)
+        penalty = self.preact_penalty * pre.pow(2).mean() if self.preact_penalty else pre.new_zeros(())
+        saturated = (pre.detach().abs() > SATURATED_PREACTIVATION).float().mean()
+        return actor.squash(pre), penalty, saturated
+
     def actors_step(self, batch: ReplayBatch) -> dict[str, torch.Tensor]:
         obs = batch.obs
         self.critic.requires_grad_(False)  # the actors' losses need no critic gradients
         try:
             if not self.sequential:  # MA*: one joint loss; agent i's gradient is dQ/da_i . da_i/dtheta_i
-                loss = -self.q1(batch.state, [actor(o) for actor, o in zip(self.actors, obs)]).mean()
+                own = [self.own_action(i, o) for i, o in enumerate(obs)]
+                loss = -self.q1(batch.state, [a for a, _, _ in own]).mean() + sum(p for _, p, _ in own)
                 for optim in self.actor_optims:
                     optim.zero_grad(set_to_none=True)
                 loss.backward()
                 for optim in self.actor_optims:
                     optim.step()
-                return {"actor_loss": loss.detach()}
+                return {"actor_loss": loss.detach(), **{f"agent{i}/saturated": s for i, (_, _, s) in enumerate(own)}}
             order = (list(range(self.n_agents)) if self.fixed_order
                      else torch.randperm(self.n_agents, generator=self.order_rng).tolist())
             with torch.no_grad():  # the current actors' actions (the first agent's own is recomputed)
@@ -255,12 +278,13 @@ class OffPolicyMARL:
                            for i, (actor, o) in enumerate(zip(self.actors, obs))]
             stats = {}
             for position, i in enumerate(order):
-                actions[i] = self.actors[i](obs[i])
-                loss = -self.q1(batch.state, actions).mean()
+                actions[i], penalty, saturated = self.own_action(i, obs[i])
+                loss = -self.q1(batch.state, actions).mean() + penalty
                 self.actor_optims[i].zero_grad(set_to_none=True)
                 loss.backward()
                 self.actor_optims[i].step()
                 stats[f"agent{i}/actor_loss"] = loss.detach()
+                stats[f"agent{i}/saturated"] = saturated
                 if position + 1 < len(order):  # the agents after i see i's new action
                     with torch.no_grad():
                         actions[i] = self.actors[i](obs[i])

@@ -476,7 +476,7 @@ def test_actions_stay_in_bounds_and_noise_scales_with_the_half_range():
     spec = tiny_spec(low=-3.0, high=1.0)  # centre -1, half range 2
     algo = MADDPG(tiny_config("maddpg", expl_noise=0.25, hidden_sizes=[4]), spec, "cpu")
     for actor in algo.actors:  # mu = -1 (the centre) everywhere
-        set_linear(actor.mlp[-2], [[0.0] * 4], [0.0])
+        set_linear(actor.mlp[-1], [[0.0] * 4], [0.0])
     obs = [torch.randn(20000, 1)] * 2
     greedy = algo.act(obs, deterministic=True)[0]
     assert all(torch.equal(g, torch.full_like(g, -1.0)) for g in greedy)
@@ -552,3 +552,45 @@ def test_class_attributes_describe_each_method(cls, n_step, td3, sequential):
     assert ({"policy_noise", "noise_clip", "policy_freq"} <= cls.reads) == td3
     assert ("fixed_order" in cls.reads) == sequential
     assert not {"opti_eps", "max_grad_norm", "episode_length", "ppo_epoch"} & cls.reads
+
+
+# -- the pre-activation penalty ---------------------------------------------------------------------
+def preset_actors(algo: OffPolicyMARL, biases: list[float]) -> None:
+    """Actors with no hidden layer, zero weights and the given output bias: MLP(o) = bias."""
+    with torch.no_grad():
+        for actor, bias in zip(algo.actors, biases):
+            actor.mlp[0].weight.zero_()
+            actor.mlp[0].bias.fill_(bias)
+
+
+def test_own_action_penalty_and_saturation_by_hand():
+    algo = HATD3(tiny_config(preact_penalty=0.01), tiny_spec(act_dim=2), "cpu")
+    preset_actors(algo, [3.0, 0.5])
+    obs = torch.ones(4, 1)
+    action, penalty, saturated = algo.own_action(0, obs)
+    assert torch.allclose(action, torch.full((4, 2), math.tanh(3.0)))
+    assert penalty.item() == pytest.approx(0.01 * 9.0)
+    assert saturated.item() == 1.0  # tanh(3) = 0.9951 > 0.99
+    _, penalty, saturated = algo.own_action(1, obs)
+    assert penalty.item() == pytest.approx(0.01 * 0.25) and saturated.item() == 0.0
+    unpenalised = HATD3(tiny_config(), tiny_spec(act_dim=2), "cpu")
+    preset_actors(unpenalised, [3.0, 0.5])
+    assert unpenalised.own_action(0, obs)[1].item() == 0.0
+
+
+@pytest.mark.parametrize("algo_name", ["hatd3", "matd3"])
+@pytest.mark.parametrize("coef", [0.0, 0.01])
+def test_penalty_alone_pulls_a_saturated_actor_back(algo_name, coef):
+    """With a critic that ignores the actions, the penalty is the actors' whole gradient: its
+    first Adam step moves each output bias by -lr * sign(bias) (Adam's first step is the
+    gradient's sign times lr); without the penalty nothing moves."""
+    algo = algorithm_class(algo_name)(tiny_config(algo_name, preact_penalty=coef, policy_freq=1, lr=0.1),
+                                      tiny_spec(), "cpu")
+    preset_actors(algo, [4.0, -2.0])
+    with torch.no_grad():
+        for w in algo.critic.weights:
+            w.zero_()
+    stats = algo.actors_step(filled_buffer(algo.spec).sample())
+    moved = [actor.mlp[0].bias.item() for actor in algo.actors]
+    assert moved == (pytest.approx([3.9, -1.9], abs=1e-6) if coef else [4.0, -2.0])
+    assert stats["agent0/saturated"].item() == 1.0 and stats["agent1/saturated"].item() == 0.0

@@ -232,6 +232,9 @@ class Config:
                                     minimum=0)
     policy_freq: int = _off_policy(2, "TD3: actor and target updates every policy_freq critic updates",
                                    positive=True)
+    preact_penalty: float = _off_policy(0.0, "weight of the mean squared pre-tanh activation in each actor's "
+                                             "loss (0: none, as the reference); keeps actions from saturating "
+                                             "for good", minimum=0)
 
     # networks
     hidden_sizes: list[int] = _networks([128, 128, 128], "actor and critic MLP widths")
