@@ -272,8 +272,8 @@ def collect_rows(suite: Suite) -> list[Row]:
                 task_tokens = " ".join(f"--{k} {v}" for k, v in task.items())
                 flags = " ".join(_flag_tokens(experiment.flags))
                 command = (f"bash {script} {task_tokens} --algo {algo} --seeds "
-                           f"{','.join(map(str, experiment.seeds))} --exp_name {experiment.exp_name}"
-                           + (f" {flags}" if flags else ""))
+                           f"{','.join(map(str, experiment.seeds))} --exp_name {experiment.exp_name} "
+                           f"--num_env_steps {suite.num_env_steps}" + (f" {flags}" if flags else ""))
                 published = {p.source: p.values.get(label, {}).get(algo)
                              for p in suite.published if p.exp_name == experiment.exp_name}
                 rows.append(Row(experiment, label, algo, finals, runs, published, command))
