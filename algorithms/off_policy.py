@@ -65,7 +65,7 @@ def activation_module(name: str) -> nn.Module:
 
 class DeterministicActor(nn.Module):
     """``mu(o) = centre + half_range * tanh(MLP(o))``: [B, obs_dim] -> [B, act_dim] in bounds.
-    ``MLP(o)`` is the pre-activation (``preactivation``)."""
+    ``MLP(o)`` is the pre-activation; ``squash`` maps it into the bounds."""
 
     def __init__(self, spec: AgentSpec, hidden_sizes: list[int], activation: str = "relu"):
         super().__init__()
@@ -247,14 +247,14 @@ class OffPolicyMARL:
         """The first critic's Q(s, a) [B]: what the actors ascend (as in TD3)."""
         return self.critic.member(torch.cat([state, *actions], 1), 0).squeeze(-1)
 
-    def own_action(self, i: int, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def own_action(self, i: int, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float, torch.Tensor]:
         """Agent i's differentiable action [B, act_dim_i], its pre-activation penalty
         ``preact_penalty * mean(MLP(o)^2)`` (keeps tanh from saturating for good: where
         |MLP(o)| is large, dQ/dMLP(o) vanishes while Adam's normalised steps go on pushing it
         out) and the fraction of its components within 1 % of a bound (a diagnostic)."""
         actor = self.actors[i]
         pre = actor.mlp(obs)
-        penalty = self.preact_penalty * pre.pow(2).mean() if self.preact_penalty else pre.new_zeros(())
+        penalty = self.preact_penalty * pre.pow(2).mean() if self.preact_penalty else 0.0  # no tensor when off
         saturated = (pre.detach().abs() > SATURATED_PREACTIVATION).float().mean()
         return actor.squash(pre), penalty, saturated
 

@@ -575,7 +575,7 @@ def test_own_action_penalty_and_saturation_by_hand():
     assert penalty.item() == pytest.approx(0.01 * 0.25) and saturated.item() == 0.0
     unpenalised = HATD3(tiny_config(), tiny_spec(act_dim=2), "cpu")
     preset_actors(unpenalised, [3.0, 0.5])
-    assert unpenalised.own_action(0, obs)[1].item() == 0.0
+    assert float(unpenalised.own_action(0, obs)[1]) == 0.0
 
 
 @pytest.mark.parametrize("algo_name", ["hatd3", "matd3"])
