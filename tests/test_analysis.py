@@ -406,6 +406,30 @@ def test_suptitle_clears_panel_titles_with_several_rows(tmp_path, monkeypatch):
     assert len(gaps) == 3 and min(gaps) >= 2, f"suptitle touches the panel titles: {gaps}"
 
 
+@pytest.mark.slow
+def test_long_title_stays_inside_a_one_panel_figure(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    extents = []  # (title's left edge, right edge, figure width) in pixels
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        original(fig, *args, **kwargs)
+        box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+        extents.append((box.x0, box.x1, fig.bbox.width))
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    grid = np.linspace(0.0, 1e7, 5)
+    title = "Multi-Agent MuJoCo, 10M env steps: eval_return (mean over seeds, 95% bootstrap band)"
+    for n_tasks in (1, 2):
+        curves = [analysis.Curve(f"Task{i}-2x3", "happo", grid, grid, None, None, 1)
+                  for i in range(n_tasks)]
+        analysis.plot_curves(curves, "eval_return", tmp_path / f"{n_tasks}.png", title)
+    assert len(extents) == 2
+    for left, right, width in extents:
+        assert left >= 0 and right <= width, f"title runs off the figure: {extents}"
+
+
 def test_cli_runs_without_eval_say_so(tmp_path, capsys):
     for seed in (1, 2):  # what --no-use_eval writes: blank eval columns, null eval in summary
         make_run(tmp_path, "mamujoco", "HalfCheetah-2x3", "happo", seed, [0, 100], [None, None],

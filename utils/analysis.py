@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -612,12 +613,17 @@ def figure_formats() -> list[str]:
     return sorted(FigureCanvasAgg.get_supported_filetypes())
 
 
+# Characters of the (12 pt) figure title per inch of figure width, with room to spare.
+TITLE_CHARS_PER_INCH = 10
+
+
 def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -> Path:
     """Draw one panel per task (grid of panels), one line + 95% band per algo; save the
     figure to ``out``, whose extension (one of :func:`figure_formats`) picks the format.
 
     Constrained layout keeps the overall title clear of the first row's panel titles
-    whatever the number of rows.
+    whatever the number of rows; the title wraps to the figure's width (a suite's title over
+    one 5-inch panel would otherwise run off both edges).
     """
     import matplotlib
 
@@ -647,7 +653,7 @@ def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -
         ax.legend(fontsize="small", loc="best")
     for ax in list(axes.flat)[len(tasks):]:
         ax.set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(textwrap.fill(title, width=int(TITLE_CHARS_PER_INCH * fig.get_figwidth())))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
