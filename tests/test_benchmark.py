@@ -110,6 +110,49 @@ def test_archive_and_report_from_finished_runs_only(tmp_path):
     assert "| 3/3 | 7,000 ± 1,000 |" in doc.read_text()
 
 
+def test_status_lists_every_planned_run_and_the_time_left(tmp_path, capsys):
+    import os
+
+    from utils.dirlock import try_lock
+
+    suite = benchmark.load_suite(write_suite(tmp_path / "suite.yaml", tmp_path))
+    experiment, task = suite.experiments[0], suite.experiments[0].tasks[0]
+
+    def partial_run(seed: int, rows: list[tuple[int, float, float | str]]) -> Path:
+        run_dir = suite.run_dir(suite.results_dir, experiment, task, "happo", seed)
+        run_dir.mkdir(parents=True)
+        lines = ["env_steps,wall_seconds,eval_return"] + [",".join(map(str, row)) for row in rows]
+        (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+        return run_dir
+
+    # seed 1 finished and archived (its checkpoint directory gone); seed 2 stopped at 500 of
+    # 1,000 steps after 50 s (10 steps/s); seed 3 trains now (another descriptor holds its lock)
+    fake_run(suite.run_dir(suite.archive_dir, experiment, task, "happo", 1), "happo", 1, 1000, 6500.0)
+    partial_run(2, [(250, 25.0, 10.0), (500, 50.0, "")])
+    training = partial_run(3, [(200, 40.0, 20.0)])
+    fd = try_lock(training)
+    try:
+        assert benchmark.main([str(tmp_path / "suite.yaml"), "--status"]) == 0
+    finally:
+        if fd is not None:
+            os.close(fd)
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split("  ")[0].strip(): line.split() for line in out[1:7]}
+    assert len(rows) == 6  # every planned run, finished or not
+    assert rows["HalfCheetah-2x3 happo [global] seed 1"][5:8] == ["finished", "1k", "6,500"]
+    assert rows["HalfCheetah-2x3 happo [global] seed 2"][5:9] == ["stopped", "500", "10", "10"]
+    assert rows["HalfCheetah-2x3 happo [global] seed 2"][-2:] == ["50", "s"]  # 500 steps at 10/s
+    assert rows["HalfCheetah-2x3 happo [global] seed 3"][5:9] == ["training", "200", "20", "5"]
+    assert rows["HalfCheetah-2x3 happo [global] seed 3"][-2:] == ["3", "min"]  # 800 steps at 5/s
+    # mappo has no run yet: it goes at the task's median pace (5 and 10 steps/s: 7.5)
+    assert rows["HalfCheetah-2x3 mappo [global] seed 1"][5:7] == ["not", "started"]
+    assert rows["HalfCheetah-2x3 mappo [global] seed 1"][-2:] == ["2", "min"]  # 1,000 at 7.5/s
+    summary = "\n".join(out[-2:])
+    assert "6 runs planned: 1 finished, 1 training, 1 stopped, 3 not started." in summary
+    assert "Left: 4.3k env steps, 10 min of run time" in summary  # 50 + 160 + 3 x 133.3 s
+    assert not suite.figure.exists()  # --status changes nothing
+
+
 @pytest.mark.slow
 def test_a_tiny_suite_trains_archives_and_reports(tmp_path):
     path = write_suite(tmp_path / "suite.yaml", tmp_path, num_env_steps=400,

@@ -3,6 +3,7 @@ budget; one command trains what is unfinished and regenerates the published resu
 
     bash scripts/benchmark.sh configs/benchmarks/mamujoco-10m.yaml             # train, report
     bash scripts/benchmark.sh configs/benchmarks/mamujoco-10m.yaml --report    # report only
+    bash scripts/benchmark.sh configs/benchmarks/mamujoco-10m.yaml --status    # what is left
     bash scripts/benchmark.sh configs/benchmarks/mamujoco-10m.yaml --max_parallel 2
     bash scripts/benchmark.sh configs/benchmarks/mamujoco-10m.yaml --ray_address auto
 
@@ -26,6 +27,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,7 @@ from envs.registry import check_task, task_name
 from train import sweep
 from train.config import REPO_ROOT
 from utils import analysis
+from utils.dirlock import try_lock
 from utils.errors import ConfigError
 
 ARCHIVED_FILES = ("metrics.csv", "summary.json", "config.yaml", "run_info.json")
@@ -369,6 +372,109 @@ def report(suite: Suite, doc: Path = RESULTS_DOC) -> Path:
     return doc
 
 
+# -- status -------------------------------------------------------------------------------------
+@dataclass
+class RunStatus:
+    """Where one planned run stands, read from its run directory (or the archive)."""
+
+    label: str
+    state: str  # "finished", "training" (a process holds the run directory), "stopped", "not started"
+    env_steps: float = 0.0
+    last_value: float | None = None  # the suite's metric, last logged
+    steps_per_second: float | None = None  # env steps over wall seconds, all sessions together
+    idle_seconds: float | None = None  # since metrics.csv last changed
+
+    def seconds_left(self, num_env_steps: int) -> float | None:
+        if self.state == "finished":
+            return 0.0
+        if not self.steps_per_second:
+            return None
+        return max(num_env_steps - self.env_steps, 0.0) / self.steps_per_second
+
+
+def _being_trained(run_dir: Path) -> bool:
+    try:
+        fd = try_lock(run_dir)
+    except BlockingIOError:
+        return True
+    if fd is not None:
+        os.close(fd)
+    return False
+
+
+def run_status(suite: Suite, experiment: Experiment, task: dict[str, str], algo: str, seed: int,
+               now: float) -> RunStatus:
+    label = f"{suite.task_label(task)} {algo} [{experiment.exp_name}] seed {seed}"
+    live = suite.run_dir(suite.results_dir, experiment, task, algo, seed)
+    archived = suite.run_dir(suite.archive_dir, experiment, task, algo, seed)
+    run_dir = live if (live / "metrics.csv").is_file() else archived
+    if not (run_dir / "metrics.csv").is_file():
+        return RunStatus(label, "training" if live.is_dir() and _being_trained(live) else "not started")
+    run = analysis.load_run(run_dir, run_dir.parent)
+    steps = analysis.final_env_steps(run) or 0.0
+    wall = analysis.final_value(run, "wall_seconds") if "wall_seconds" in run.metrics.columns else None
+    if finished(run_dir, suite.num_env_steps):
+        state = "finished"
+    else:
+        state = "training" if _being_trained(run_dir) else "stopped"
+    return RunStatus(label, state, steps, analysis.final_value(run, suite.metric),
+                     steps / wall if wall and steps else None,
+                     now - (run_dir / "metrics.csv").stat().st_mtime)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} d"
+
+
+def status_text(suite: Suite, now: float | None = None) -> str:
+    """One line per planned run, and what is left: env steps, and run time at the pace the
+    suite's runs have shown so far (a run not started goes at its task's pace)."""
+    now = time.time() if now is None else now
+    planned = list(suite.runs())
+    statuses = [run_status(suite, *run, now) for run in planned]
+    # the pace of a run not started: its task's and algorithm's runs, else its task's
+    pace: dict[tuple[str, ...], list[float]] = {}
+    for (_, task, algo, _), st in zip(planned, statuses):
+        if st.steps_per_second:
+            pace.setdefault((suite.task_label(task), algo), []).append(st.steps_per_second)
+            pace.setdefault((suite.task_label(task),), []).append(st.steps_per_second)
+    width = max(len(st.label) for st in statuses)
+    lines = [f"{'run':<{width}}  {'state':<11}  {'env steps':>9}  {suite.metric:>11}  "
+             f"{'steps/s':>7}  {'last log':>9}  {'left':>8}"]
+    left_total, unknown = 0.0, 0
+    for (_, task, algo, _), st in zip(planned, statuses):
+        left = st.seconds_left(suite.num_env_steps)
+        if left is None and st.state == "not started":
+            rates = pace.get((suite.task_label(task), algo)) or pace.get((suite.task_label(task),))
+            left = suite.num_env_steps / float(np.median(rates)) if rates else None
+        if left is None:
+            unknown += 1
+        else:
+            left_total += left
+        last_log = "–" if st.idle_seconds is None or st.state == "finished" else _duration(st.idle_seconds) + " ago"
+        lines.append(f"{st.label:<{width}}  {st.state:<11}  {analysis.format_steps(st.env_steps):>9}  "
+                     f"{_number(st.last_value):>11}  {_number(st.steps_per_second):>7}  {last_log:>9}  "
+                     f"{'–' if st.state == 'finished' else _duration(left):>8}")
+    counts = {state: sum(st.state == state for st in statuses)
+              for state in ("finished", "training", "stopped", "not started")}
+    steps_left = sum(suite.num_env_steps - min(st.env_steps, suite.num_env_steps) for st in statuses)
+    lines.append("")
+    lines.append(f"{suite.name}: {len(statuses)} runs planned: " +
+                 ", ".join(f"{n} {state}" for state, n in counts.items() if n) + ".")
+    lines.append(f"Left: {analysis.format_steps(steps_left)} env steps, {_duration(left_total)} of run time "
+                 f"at the pace shown (summed over runs: N side by side take about 1/N of it)" +
+                 (f"; not counted: {unknown} runs of tasks with no pace yet." if unknown else "."))
+    return "\n".join(lines)
+
+
 # -- command line -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
@@ -376,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("suite", help="suite file, e.g. configs/benchmarks/mamujoco-10m.yaml")
     parser.add_argument("--report", action="store_true",
                         help="only archive finished runs and regenerate the report (no training)")
+    parser.add_argument("--status", action="store_true",
+                        help="list every planned run (finished, training, stopped, not started; env "
+                             "steps, last value, pace) and the training time left; changes nothing")
     parser.add_argument("--max_parallel", "--max-parallel", type=int, default=None,
                         help="runs at a time (default: the sweep's, the number of CPU cores)")
     parser.add_argument("--ray_address", "--ray-address", default=None,
@@ -390,6 +499,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)
         return 2
+    if args.status:
+        print(status_text(suite), flush=True)
+        return 0
     status = 0
     if not args.report:
         extra = ([] if args.max_parallel is None else ["--max_parallel", str(args.max_parallel)]) + \
