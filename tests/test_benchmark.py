@@ -110,6 +110,17 @@ def test_archive_and_report_from_finished_runs_only(tmp_path):
     assert "| 3/3 | 7,000 ± 1,000 |" in doc.read_text()
 
 
+def test_a_row_of_one_seed_shows_no_spread(tmp_path):
+    suite = benchmark.load_suite(write_suite(tmp_path / "suite.yaml", tmp_path))
+    experiment, task = suite.experiments[0], suite.experiments[0].tasks[0]
+    fake_run(suite.run_dir(suite.results_dir, experiment, task, "happo", 2), "happo", 2, 1000, 5909.0)
+    benchmark.archive(suite)
+    doc = tmp_path / "results.md"
+    benchmark.report(suite, doc)
+    happo = next(line for line in doc.read_text().splitlines() if line.startswith("| HalfCheetah-2x3 | global | happo"))
+    assert "| 1/3 | 5,909 | 5,909 | 7,000 |" in happo
+
+
 def test_status_lists_every_planned_run_and_the_time_left(tmp_path, capsys):
     import os
 

@@ -302,8 +302,10 @@ def render_section(suite: Suite, rows: list[Row], figure_link: str) -> str:
         n_planned = len(row.experiment.seeds)
         if row.finals:
             finals = np.array(row.finals)
-            std = float(np.std(finals, ddof=1)) if len(finals) > 1 else 0.0
-            ours, iqm = f"{_number(finals.mean())} ± {_number(std)}", _number(analysis.iqm(finals))
+            ours = _number(finals.mean())
+            if len(finals) > 1:  # one seed has no spread to show (its sample std is undefined)
+                ours += f" ± {_number(float(np.std(finals, ddof=1)))}"
+            iqm = _number(analysis.iqm(finals))
         else:
             ours, iqm = "not yet run", "–"
         cells = [row.task, row.experiment.exp_name, row.algo, f"{len(row.finals)}/{n_planned}", ours, iqm,

@@ -584,7 +584,8 @@ def markdown_table(rows: list[TableRow], metric: str) -> str:
     for row in rows:
         steps = f"{row.env_steps:.0f}" if row.env_steps is not None else "–"
         iqm_text = _fmt(row.iqm) if row.iqm is not None else "–"
-        lines.append(f"| {row.task} | {row.algo} | {_fmt(row.mean)} ± {_fmt(row.std)} | "
+        spread = f" ± {_fmt(row.std)}" if len(row.finals) > 1 else ""  # none for one seed
+        lines.append(f"| {row.task} | {row.algo} | {_fmt(row.mean)}{spread} | "
                      f"{len(row.finals)} | {steps} | {iqm_text} |")
     return "\n".join(lines) + "\n"
 
