@@ -50,3 +50,20 @@ def test_mamujoco_names_the_body_and_its_partitions():
     with pytest.raises(ConfigError) as body:
         mamujoco.check_task({"scenario": "Cheetah", "agent_conf": "2x3"})
     assert body.value.field == "scenario" and body.value.message.startswith("unknown MaMuJoCo scenario 'Cheetah'")
+
+
+@pytest.mark.parametrize("module, argv, expected", [
+    ("benchmark", ["configs/benchmarks/mamujoco-10m.yaml", "--status", "--report"],
+     "benchmark: error: argument --report: not allowed with argument --status"),
+    ("benchmark", ["configs/benchmarks/mamujoco-10m.yaml", "--max_parallel", "two"],
+     "benchmark: error: argument --max_parallel/--max-parallel: invalid int value: 'two'"),
+    ("benchmark", [], "benchmark: error: the following arguments are required: suite"),
+    ("plot", ["results", "--points", "many"], "plot: error: argument --points: invalid int value: 'many'"),
+])
+def test_bad_flags_of_the_result_tools_are_one_line(module, argv, expected, capsys):
+    import importlib
+
+    tool = importlib.import_module(f"train.{module}")
+    assert tool.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == expected and captured.out == ""

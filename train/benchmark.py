@@ -40,7 +40,7 @@ from train import sweep
 from train.config import REPO_ROOT
 from utils import analysis
 from utils.dirlock import try_lock
-from utils.errors import ConfigError
+from utils.errors import ArgumentParser, ConfigError
 
 ARCHIVED_FILES = ("metrics.csv", "summary.json", "config.yaml", "run_info.json")
 RESULTS_DOC = REPO_ROOT / "docs" / "results.md"
@@ -479,12 +479,13 @@ def status_text(suite: Suite, now: float | None = None) -> str:
 
 # -- command line -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", help="suite file, e.g. configs/benchmarks/mamujoco-10m.yaml")
-    parser.add_argument("--report", action="store_true",
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--report", action="store_true",
                         help="only archive finished runs and regenerate the report (no training)")
-    parser.add_argument("--status", action="store_true",
+    only.add_argument("--status", action="store_true",
                         help="list every planned run (finished, training, stopped, not started; env "
                              "steps, last value, pace) and the training time left; changes nothing")
     parser.add_argument("--max_parallel", "--max-parallel", type=int, default=None,
@@ -495,8 +496,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         suite = load_suite(Path(args.suite))
     except ConfigError as exc:
         print(f"benchmark: error: {exc}", file=sys.stderr)

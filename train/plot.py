@@ -20,10 +20,11 @@ import sys
 from pathlib import Path
 
 from utils import analysis
+from utils.errors import ArgumentParser, ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="plot", description="Plot learning curves and tabulate final performance.")
     parser.add_argument("results_dir", help="directory searched for runs (metrics.csv)")
     parser.add_argument("--metric", default=None,
@@ -103,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(build_parser().parse_args(argv))
+    except ConfigError as exc:  # a bad flag
+        print(f"plot: error: {exc}", file=sys.stderr)
+        return 2
     except analysis.AnalysisError as exc:
         print(f"plot: error: {exc}", file=sys.stderr)
         return 2

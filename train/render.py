@@ -30,17 +30,13 @@ import numpy as np  # noqa: E402
 from envs.registry import make_vec_env  # noqa: E402
 from train.config import ConfigError, config_from_dict  # noqa: E402
 from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from utils.errors import ArgumentParser  # noqa: E402
 
 FORMATS = (".mp4", ".gif")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # type: ignore[override]
-        raise ConfigError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train.render",
+    p = ArgumentParser(prog="python -m train.render",
                 description="Render deterministic episodes of a trained run to an MP4 or GIF.")
     p.add_argument("run_dir", help="run directory (or a checkpoint file)")
     p.add_argument("--episodes", type=int, default=1, help="episodes to play (default 1)")

@@ -2,6 +2,7 @@
 module may import it."""
 from __future__ import annotations
 
+import argparse
 import signal
 
 
@@ -24,6 +25,14 @@ class ConfigError(ValueError):
             return self.message
         given = "" if self.value is None else f" {self.value}"
         return f"--{self.field}{given}: {self.message}"
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flags raise :class:`ConfigError`, so that the entry point prints
+    one line and exits with status 2, instead of argparse's usage block."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise ConfigError(message)
 
 
 # Signals that stop a run with a checkpoint (exit 130): Ctrl-C, a kill or a scheduler's
