@@ -39,7 +39,7 @@ from envs.registry import check_task, task_name
 from train import sweep
 from train.config import REPO_ROOT
 from utils import analysis
-from utils.dirlock import try_lock
+from utils.dirlock import held_elsewhere
 from utils.errors import ArgumentParser, ConfigError
 
 ARCHIVED_FILES = ("metrics.csv", "summary.json", "config.yaml", "run_info.json")
@@ -394,16 +394,6 @@ class RunStatus:
         return max(num_env_steps - self.env_steps, 0.0) / self.steps_per_second
 
 
-def _being_trained(run_dir: Path) -> bool:
-    try:
-        fd = try_lock(run_dir)
-    except BlockingIOError:
-        return True
-    if fd is not None:
-        os.close(fd)
-    return False
-
-
 def run_status(suite: Suite, experiment: Experiment, task: dict[str, str], algo: str, seed: int,
                now: float) -> RunStatus:
     label = f"{suite.task_label(task)} {algo} [{experiment.exp_name}] seed {seed}"
@@ -411,14 +401,14 @@ def run_status(suite: Suite, experiment: Experiment, task: dict[str, str], algo:
     archived = suite.run_dir(suite.archive_dir, experiment, task, algo, seed)
     run_dir = live if (live / "metrics.csv").is_file() else archived
     if not (run_dir / "metrics.csv").is_file():
-        return RunStatus(label, "training" if live.is_dir() and _being_trained(live) else "not started")
+        return RunStatus(label, "training" if live.is_dir() and held_elsewhere(live) else "not started")
     run = analysis.load_run(run_dir, run_dir.parent)
     steps = analysis.final_env_steps(run) or 0.0
     wall = analysis.final_value(run, "wall_seconds") if "wall_seconds" in run.metrics.columns else None
     if finished(run_dir, suite.num_env_steps):
         state = "finished"
     else:
-        state = "training" if _being_trained(run_dir) else "stopped"
+        state = "training" if held_elsewhere(run_dir) else "stopped"
     return RunStatus(label, state, steps, analysis.final_value(run, suite.metric),
                      steps / wall if wall and steps else None,
                      now - (run_dir / "metrics.csv").stat().st_mtime)
@@ -480,14 +470,14 @@ def status_text(suite: Suite, now: float | None = None) -> str:
 # -- command line -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="benchmark", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", help="suite file, e.g. configs/benchmarks/mamujoco-10m.yaml")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--report", action="store_true",
-                        help="only archive finished runs and regenerate the report (no training)")
+                      help="only archive finished runs and regenerate the report (no training)")
     only.add_argument("--status", action="store_true",
-                        help="list every planned run (finished, training, stopped, not started; env "
-                             "steps, last value, pace) and the training time left; changes nothing")
+                      help="list every planned run (finished, training, stopped, not started; env "
+                           "steps, last value, pace) and the training time left; changes nothing")
     parser.add_argument("--max_parallel", "--max-parallel", type=int, default=None,
                         help="runs at a time (default: the sweep's, the number of CPU cores)")
     parser.add_argument("--ray_address", "--ray-address", default=None,

@@ -49,7 +49,7 @@ from typing import Any
 from envs.registry import task_name
 from train.config import (DEFAULT_ENV_VARIABLE, REPO_ROOT, CommandLine, Config, config_from_dict, fields_where,
                           flags_to_argv, parse_command_line, read_yaml, resolve, run_dir_for, unused_flags)
-from utils.dirlock import try_lock
+from utils.dirlock import held_elsewhere
 from utils.errors import STOP_SIGNALS, ConfigError
 
 LOG_TAIL_LINES = 20
@@ -449,15 +449,9 @@ def _wait_for_runs(runs: list[Run], timeout: float = 300.0) -> None:
     training process holds its run directory's lock (train.train.lock_run_dir)."""
     deadline = time.time() + timeout
     for run in runs:
-        while run.run_dir.is_dir() and time.time() < deadline:
-            try:
-                fd = try_lock(run.run_dir)
-            except BlockingIOError:
-                time.sleep(0.2)
-                continue
-            if fd is not None:  # None: no lock on this file system, nothing to wait on
-                os.close(fd)
-            break
+        # held_elsewhere is False where no lock is possible: nothing to wait on there
+        while run.run_dir.is_dir() and time.time() < deadline and held_elsewhere(run.run_dir):
+            time.sleep(0.2)
 
 
 # -- entry point -------------------------------------------------------------------------------

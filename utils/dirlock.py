@@ -28,3 +28,14 @@ def try_lock(directory: Path) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+def held_elsewhere(directory: Path) -> bool:
+    """True while another process (or descriptor) holds ``directory``'s lock."""
+    try:
+        fd = try_lock(directory)
+    except BlockingIOError:
+        return True
+    if fd is not None:
+        os.close(fd)
+    return False
