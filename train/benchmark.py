@@ -303,8 +303,9 @@ def render_section(suite: Suite, rows: list[Row], figure_link: str) -> str:
         if row.finals:
             finals = np.array(row.finals)
             ours = _number(finals.mean())
-            if len(finals) > 1:  # one seed has no spread to show (its sample std is undefined)
-                ours += f" ± {_number(float(np.std(finals, ddof=1)))}"
+            spread = analysis.seed_std(finals)
+            if spread is not None:
+                ours += f" ± {_number(spread)}"
             iqm = _number(analysis.iqm(finals))
         else:
             ours, iqm = "not yet run", "–"

@@ -532,6 +532,12 @@ def aggregate_curves(runs: list[Run], metric: str, n_points: int = 100,
 # --------------------------------------------------------------------------- table
 
 
+def seed_std(finals) -> float | None:
+    """Sample std over seeds (ddof=1: the seeds are a sample, and with 2-3 of them the
+    population std understates the spread); ``None`` for one seed, where it is undefined."""
+    return float(np.std(finals, ddof=1)) if len(finals) > 1 else None
+
+
 @dataclass
 class TableRow:
     """Final performance of one task x algo over its seeds."""
@@ -546,10 +552,8 @@ class TableRow:
         return float(np.mean(self.finals))
 
     @property
-    def std(self) -> float:
-        """Sample std over seeds (ddof=1: the seeds are a sample, and with 2-3 of them the
-        population std understates the spread); 0 for one seed, where it is undefined."""
-        return float(np.std(self.finals, ddof=1)) if len(self.finals) > 1 else 0.0
+    def std(self) -> float | None:
+        return seed_std(self.finals)
 
     @property
     def iqm(self) -> float | None:
@@ -584,7 +588,7 @@ def markdown_table(rows: list[TableRow], metric: str) -> str:
     for row in rows:
         steps = f"{row.env_steps:.0f}" if row.env_steps is not None else "–"
         iqm_text = _fmt(row.iqm) if row.iqm is not None else "–"
-        spread = f" ± {_fmt(row.std)}" if len(row.finals) > 1 else ""  # none for one seed
+        spread = f" ± {_fmt(row.std)}" if row.std is not None else ""
         lines.append(f"| {row.task} | {row.algo} | {_fmt(row.mean)}{spread} | "
                      f"{len(row.finals)} | {steps} | {iqm_text} |")
     return "\n".join(lines) + "\n"
