@@ -503,3 +503,32 @@ def test_table_warns_when_a_groups_runs_ran_different_code(tmp_path, capsys):
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
+
+
+def test_published_marks_sit_at_the_panels_right_end_in_their_curves_colour(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figures = []
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        figures.append(fig)
+        original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    grid = np.linspace(0.0, 1e7, 5)
+    curves = [analysis.Curve("HalfCheetah-2x3", algo, grid, grid / 1e3, None, None, 1) for algo in ("happo", "mappo")]
+    marks = [analysis.Mark("HalfCheetah-2x3", "happo", "reference", 7000.0),
+             analysis.Mark("HalfCheetah-2x3", "happo", "paper", 4350.0),
+             analysis.Mark("HalfCheetah-2x3", "hatrpo", "paper", 5100.0),  # no hatrpo curve: not drawn
+             analysis.Mark("Walker2d-2x3", "happo", "paper", 2950.0)]  # no such panel
+    analysis.plot_curves(curves, "eval_return", tmp_path / "f.png", "t", marks)
+    (ax,) = [ax for ax in figures[0].axes if ax.get_visible()]
+    colours = analysis.algo_colours(["happo", "mappo"])
+    drawn = {(float(line.get_ydata()[0]), line.get_marker()): line for line in ax.lines
+             if len(line.get_xdata()) == 1}
+    assert set(drawn) == {(7000.0, "D"), (4350.0, "X")}  # one shape per source, in order of the marks
+    for line in drawn.values():
+        assert float(line.get_xdata()[0]) == 1e7 and line.get_color() == colours["happo"]
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["happo (n=1)", "mappo (n=1)", "published: reference", "published: paper"]

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from train import benchmark
+from utils import analysis
 from utils.errors import ConfigError
 
 SUITE = benchmark.REPO_ROOT / "configs" / "benchmarks" / "mamujoco-10m.yaml"
@@ -100,6 +101,10 @@ def test_archive_and_report_from_finished_runs_only(tmp_path):
     assert "| 0/3 | not yet run |" in mappo
     assert "Runs at commit aaaaaaa: HalfCheetah-2x3 happo [global] seeds 1 (2026-12-07), 2 (2026-12-07), 3 " in text
     assert suite.figure.exists() and "](../tiny.png)" not in text and "(tiny.png)" in text
+    # the figure marks the published value beside the curve it compares with (mappo has no runs)
+    rows = benchmark.collect_rows(suite)
+    marks = benchmark.published_marks(rows, [run for row in rows for run in row.runs])
+    assert marks == [analysis.Mark("HalfCheetah-2x3", "happo", "paper", 7000)]
     # each row's command trains the suite's budget, not the task file's
     assert "--algo happo --seeds 1,2,3 --exp_name global --num_env_steps 1000`" in text
     # the report regenerates from the archive alone

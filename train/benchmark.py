@@ -361,6 +361,19 @@ def write_section(doc: Path, name: str, section: str) -> None:
     doc.write_text(text)
 
 
+def published_marks(rows: list[Row], runs: list[analysis.Run]) -> list[analysis.Mark]:
+    """The published values of the rows that have runs, under the labels their curves get
+    (``group_runs`` adds the setting to the algo when the suite has several)."""
+    label_of = {id(run): key for key, group in analysis.group_runs(runs).items() for run in group}
+    marks = []
+    for row in rows:
+        if row.runs:
+            task, algo = label_of[id(row.runs[0])]
+            marks += [analysis.Mark(task, algo, source, value) for source, value in row.published.items()
+                      if value is not None]
+    return marks
+
+
 def report(suite: Suite, doc: Path = RESULTS_DOC) -> Path:
     rows = collect_rows(suite)
     figure_link = ""
@@ -369,7 +382,8 @@ def report(suite: Suite, doc: Path = RESULTS_DOC) -> Path:
         curves, _ = analysis.aggregate_curves(runs, suite.metric)
         if curves:
             analysis.plot_curves(curves, suite.metric, suite.figure,
-                                 f"{suite.title}: {suite.metric} (mean over seeds, 95% bootstrap band)")
+                                 f"{suite.title}: {suite.metric} (mean over seeds, 95% bootstrap band)",
+                                 published_marks(rows, runs))
             figure_link = os.path.relpath(suite.figure, doc.parent)
     write_section(doc, suite.name, render_section(suite, rows, figure_link))
     return doc

@@ -32,7 +32,7 @@ import re
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -622,9 +622,25 @@ def figure_formats() -> list[str]:
 TITLE_CHARS_PER_INCH = 10
 
 
-def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -> Path:
-    """Draw one panel per task (grid of panels), one line + 95% band per algo; save the
-    figure to ``out``, whose extension (one of :func:`figure_formats`) picks the format.
+@dataclass(frozen=True)
+class Mark:
+    """A published value to compare a curve with: drawn at the right end of ``task``'s
+    panel, in the colour of the curve labelled ``algo``, one marker shape per ``source``."""
+
+    task: str
+    algo: str
+    source: str
+    value: float
+
+
+MARK_SHAPES = ("D", "X", "^", "s", "v")
+
+
+def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str,
+                marks: Sequence[Mark] = ()) -> Path:
+    """Draw one panel per task (grid of panels), one line + 95% band per algo, and the
+    ``marks`` of the algos drawn; save the figure to ``out``, whose extension (one of
+    :func:`figure_formats`) picks the format.
 
     Constrained layout keeps the overall title clear of the first row's panel titles
     whatever the number of rows; the title wraps to the figure's width (a suite's title over
@@ -638,6 +654,8 @@ def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -
 
     tasks = list(dict.fromkeys(c.task for c in curves))
     colours = algo_colours([c.algo for c in curves])
+    sources = list(dict.fromkeys(m.source for m in marks))
+    shapes = {source: MARK_SHAPES[i % len(MARK_SHAPES)] for i, source in enumerate(sources)}
     ncols = min(3, max(len(tasks), 1))
     nrows = max(math.ceil(len(tasks) / ncols), 1)
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.8 * nrows), squeeze=False,
@@ -650,6 +668,14 @@ def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str) -
             ax.plot(c.steps, c.mean, color=colour, label=label, marker=marker, lw=1.8)
             if c.low is not None:
                 ax.fill_between(c.steps, c.low, c.high, color=colour, alpha=0.2, lw=0)
+        drawn = {c.algo: c for c in curves if c.task == task}
+        right = max(float(c.steps[-1]) for c in drawn.values())
+        for m in (m for m in marks if m.task == task and m.algo in drawn):
+            ax.plot([right], [m.value], ls="none", marker=shapes[m.source], ms=7, color=colours[m.algo],
+                    markeredgecolor="black", markeredgewidth=0.6, clip_on=False, zorder=3)
+        for source in dict.fromkeys(m.source for m in marks if m.task == task and m.algo in drawn):
+            ax.plot([], [], ls="none", marker=shapes[source], color="0.6", markeredgecolor="black",
+                    markeredgewidth=0.6, label=f"published: {source}")
         ax.set_title(task)
         ax.set_xlabel("env steps")
         ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: format_steps(x)))
