@@ -1,7 +1,9 @@
 """Multi-Agent MuJoCo (Farama ``gymnasium-robotics`` ``mamujoco_v1``), vectorised in-process.
 
 The PettingZoo wrapper is used to build each task and its agent factorisation; stepping
-goes straight to the underlying single-agent MuJoCo env.
+goes straight to the underlying single-agent MuJoCo env: for HalfCheetah, Walker2d, Ant and
+Humanoid, gymnasium's step computed for all copies at once (``envs/mujoco_step.py``), for
+other bodies (or with ``batched_step=False``) gymnasium's own ``step`` per copy.
 
 Two observation settings (``obs_mode``):
 
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from envs import mujoco_step
 from envs.base import AgentSpec, EnvError, EnvSpec, EnvStep, StepBuffers, VecEnv
 from utils.errors import ConfigError
 
@@ -150,7 +153,7 @@ class MaMuJoCoVecEnv(VecEnv):
 
     def __init__(self, scenario: str, agent_conf: str, agent_obsk: int, n_envs: int,
                  seed: int, render_mode: str | None = None, obs_mode: str = "local",
-                 standardise: bool = False, **env_kwargs):
+                 standardise: bool = False, batched_step: bool = True, **env_kwargs):
         mamujoco_v1 = _import_mamujoco()
         if obs_mode not in OBS_MODES:
             raise ValueError(f"obs_mode must be one of {', '.join(OBS_MODES)}; got {obs_mode!r}")
@@ -207,6 +210,9 @@ class MaMuJoCoVecEnv(VecEnv):
         self._global_action = np.zeros((E, len(self._act_perm)), np.float64)
         self._elapsed = np.zeros(E, np.int64)
         self._episode_return = np.zeros(E, np.float64)
+        self._reward = np.zeros(E, np.float64)  # this step's rewards, before the buffer's float32
+        # gymnasium's step for all copies at once, for the bodies it knows (envs/mujoco_step.py)
+        self._batched = mujoco_step.for_env(self._raw[0], E) if batched_step else None
         self._restarts = np.zeros(E, np.int64)
 
     def _index_map_matches(self, make) -> bool:
@@ -300,33 +306,46 @@ class MaMuJoCoVecEnv(VecEnv):
         self._observe()
         return self._env_step()
 
+    def _failed(self, k: int, exc: Exception) -> EnvError:
+        """The error for copy ``k``'s simulator raising ``exc``: names the copy and its seed."""
+        return EnvError(f"MaMuJoCo env {k} (seed {self._env_seed(k)}) failed: {type(exc).__name__}: {exc}",
+                        env_index=k, seed=self._env_seed(k))
+
+    def _simulate(self) -> None:
+        """Step every copy with its row of ``_global_action``; fill ``_sim_obs``, ``_reward``
+        and the terminated flags."""
+        terminated = self._buf.terminated
+        if self._batched is not None:
+            self._batched.step(self._raw, self._global_action, self._sim_obs, self._reward, terminated,
+                               self._failed)
+            return
+        for k, env in enumerate(self._raw):
+            try:
+                self._sim_obs[k], self._reward[k], terminated[k], _, _ = env.step(self._global_action[k])
+            except Exception as exc:
+                raise self._failed(k, exc) from exc
+
     def step(self, actions: list[np.ndarray]) -> EnvStep:
         np.concatenate(actions, axis=1, out=self._joint_action)
         self._global_action[:, self._act_perm] = self._joint_action
         np.clip(self._global_action, self._act_low, self._act_high, out=self._global_action)
+        self._simulate()
+        self._elapsed += 1
+        self._episode_return += self._reward
+        self._buf.reward[:] = self._reward
+        terminated, truncated = self._buf.terminated, self._buf.truncated
+        np.greater_equal(self._elapsed, self.max_steps, out=truncated)
+        truncated &= ~terminated
         completed = []
-        for k, env in enumerate(self._raw):
-            try:
-                state, reward, terminated, _, _ = env.step(self._global_action[k])
-            except Exception as exc:  # the simulator raised: name the copy that failed
-                raise EnvError(f"MaMuJoCo env {k} (seed {self._env_seed(k)}) failed: "
-                               f"{type(exc).__name__}: {exc}", env_index=k, seed=self._env_seed(k)) from exc
-            self._elapsed[k] += 1
-            self._episode_return[k] += reward
-            truncated = (not terminated) and self._elapsed[k] >= self.max_steps
-            self._buf.reward[k] = reward
-            self._buf.terminated[k] = terminated
-            self._buf.truncated[k] = truncated
-            if terminated or truncated:
-                self._final_sim_obs[k] = state
-                if not self._fast_obs and not self._global_obs:  # the wrapper's, before the reset
-                    self._fill_obs(None, self._buf.final_obs, rows=[k])
-                completed.append({"env": k, "return": float(self._episode_return[k]),
-                                  "length": int(self._elapsed[k])})
-                self._elapsed[k] = 0
-                self._episode_return[k] = 0.0
-                state = env.reset()[0]
-            self._sim_obs[k] = state
+        for k in np.flatnonzero(terminated | truncated):
+            self._final_sim_obs[k] = self._sim_obs[k]
+            if not self._fast_obs and not self._global_obs:  # the wrapper's, before the reset
+                self._fill_obs(None, self._buf.final_obs, rows=[k])
+            completed.append({"env": int(k), "return": float(self._episode_return[k]),
+                              "length": int(self._elapsed[k])})
+            self._elapsed[k] = 0
+            self._episode_return[k] = 0.0
+            self._sim_obs[k] = self._raw[k].reset()[0]
         if completed:  # one gather for all episodes that ended
             rows = [c["env"] for c in completed]
             if self._global_obs or self._fast_obs:
@@ -403,4 +422,4 @@ def make_vec_env(config, n_envs: int, seed: int, evaluation: bool = False,
     """``env_kwargs`` go to the MuJoCo env (e.g. ``width``/``height`` for rendering)."""
     return MaMuJoCoVecEnv(config.scenario, str(config.agent_conf), config.agent_obsk, n_envs,
                           seed=seed, render_mode=render_mode, obs_mode=config.obs_mode,
-                          standardise=config.obs_standardise, **env_kwargs)
+                          standardise=config.obs_standardise, batched_step=config.batched_step, **env_kwargs)

@@ -67,15 +67,15 @@ def _configured() -> list[dict[str, Any]]:
     return FAULTS
 
 
-class _CrashingStep:
-    """Replaces one simulator's ``step`` for a single call, raising like a dying simulator."""
+class _CrashingSimulation:
+    """Replaces one copy's simulator (``do_simulation``, which gymnasium's ``step`` and the
+    batched step both call) for a single call, raising like a dying simulator."""
 
     def __init__(self, raw_env, message: str):
         self.raw_env, self.message = raw_env, message
-        self.original = raw_env.step
 
     def __call__(self, *args, **kwargs):
-        self.raw_env.step = self.original  # one shot
+        del self.raw_env.do_simulation  # one shot: the class's method again
         raise RuntimeError(self.message)
 
 
@@ -109,7 +109,7 @@ class FaultyVecEnv(VecEnv):
             if fault["kind"] == "raise":
                 k = int(fault.get("env", 0))
                 raw = self.inner._raw[k]
-                raw.step = _CrashingStep(raw, f"injected simulator crash at step {self.steps}")
+                raw.do_simulation = _CrashingSimulation(raw, f"injected simulator crash at step {self.steps}")
         out = self.inner.step(actions)
         for _, fault in due:
             k = int(fault.get("env", 0))

@@ -127,6 +127,11 @@ class Config:
     obs_standardise: bool = _environment(
         False, "MaMuJoCo, --obs_mode global: standardise each agent's observation and the critic's state by "
                "its own mean and std, as the published code does", applies_with=("obs_mode", "global"))
+    batched_step: bool = _environment(
+        True, "MaMuJoCo: step the copies of a HalfCheetah, Walker2d, Ant or Humanoid (v5 bodies) with one "
+              "batched computation of gymnasium's observation, reward and termination (envs/mujoco_step.py: "
+              "the same values, 1.2-1.6x faster stepping); --no-batched_step calls gymnasium's step per copy",
+        runtime=True, applies_with=("env", "mamujoco"))
     map_name: str = _environment("3m", "SMAC / SMAX map", sweep_axis=1)
     num_env_steps: int = _environment(10_000_000, "training budget: env steps summed over the rollout envs",
                                       runtime=True, positive=True)
