@@ -30,6 +30,7 @@ class BatchedStep:
     """
 
     fields: tuple[str, ...] = ("qpos", "qvel")
+    positions_left_out = 1  # leading qpos entries (x, and y where it moves in a plane) not observed
 
     def __init__(self, env, n_envs: int):
         data = env.data
@@ -37,7 +38,11 @@ class BatchedStep:
         self.frame_skip = env.frame_skip
         self.forward_weight = env._forward_reward_weight
         self.ctrl_weight = env._ctrl_cost_weight
-        self.skip = 0  # leading qpos entries left out of the observation
+        self.skip = self.positions_left_out if env._exclude_current_positions_from_observation else 0
+        # The bodies that can fall (all but HalfCheetah) are healthy within a height range.
+        self.healthy_reward = getattr(env, "_healthy_reward", 0.0)
+        self.z_range = getattr(env, "_healthy_z_range", None)
+        self.terminate_when_unhealthy = getattr(env, "_terminate_when_unhealthy", False)
         self.gathered = {name: np.zeros((n_envs, *np.shape(getattr(data, name))), np.float64)
                          for name in self.fields}
         width = np.shape(self.position(env))
@@ -82,10 +87,6 @@ class BatchedStep:
 
 
 class HalfCheetah(BatchedStep):
-    def __init__(self, env, n_envs: int):
-        super().__init__(env, n_envs)
-        self.skip = 1 if env._exclude_current_positions_from_observation else 0
-
     def finish(self, velocity, actions, sim_obs, reward, terminated):
         self.observe(sim_obs)
         reward[:] = self.forward_weight * velocity - self.control_cost(actions)
@@ -95,10 +96,7 @@ class HalfCheetah(BatchedStep):
 class Walker2d(BatchedStep):
     def __init__(self, env, n_envs: int):
         super().__init__(env, n_envs)
-        self.skip = 1 if env._exclude_current_positions_from_observation else 0
-        self.healthy_reward = env._healthy_reward
-        self.z_range, self.angle_range = env._healthy_z_range, env._healthy_angle_range
-        self.terminate_when_unhealthy = env._terminate_when_unhealthy
+        self.angle_range = env._healthy_angle_range
 
     def observe(self, sim_obs, *parts):
         qvel = self.gathered["qvel"]
@@ -117,17 +115,14 @@ class Walker2d(BatchedStep):
 
 class Ant(BatchedStep):
     fields = ("qpos", "qvel", "cfrc_ext")
+    positions_left_out = 2
 
     def __init__(self, env, n_envs: int):
         self.main_body = env.model.body(env._main_body).id
         super().__init__(env, n_envs)
-        self.skip = 2 if env._exclude_current_positions_from_observation else 0
-        self.healthy_reward = env._healthy_reward
-        self.z_range = env._healthy_z_range
         self.force_range = env._contact_force_range
         self.contact_weight = env._contact_cost_weight
         self.observe_forces = env._include_cfrc_ext_in_observation
-        self.terminate_when_unhealthy = env._terminate_when_unhealthy
 
     def position(self, env):
         return env.data.xpos[self.main_body, :2]
@@ -146,6 +141,8 @@ class Ant(BatchedStep):
 
 
 class Humanoid(BatchedStep):
+    positions_left_out = 2
+
     def __init__(self, env, n_envs: int):
         # The observation's optional parts, in gymnasium's order: (field, switch, first row kept).
         optional = (("cinert", env._include_cinert_in_observation, 1),
@@ -156,12 +153,8 @@ class Humanoid(BatchedStep):
         self.fields = tuple(dict.fromkeys(("qpos", "qvel", "cfrc_ext", *(name for name, _ in self.observed))))
         self.body_mass = env.model.body_mass.copy()
         super().__init__(env, n_envs)
-        self.skip = 2 if env._exclude_current_positions_from_observation else 0
-        self.healthy_reward = env._healthy_reward
-        self.z_range = env._healthy_z_range
         self.contact_weight = env._contact_cost_weight
         self.contact_range = env._contact_cost_range
-        self.terminate_when_unhealthy = env._terminate_when_unhealthy
 
     def position(self, env):
         # gymnasium's mass_center: the mass-weighted mean of the bodies' centres of mass, x and y
