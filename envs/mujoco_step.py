@@ -22,7 +22,7 @@ from typing import Callable
 
 
 class BatchedStep:
-    """One body's step for ``n_envs`` copies: ``step(envs, actions, sim_obs, reward, terminated)``.
+    """One body's step for ``n_envs`` copies (``step``).
 
     Subclasses name the simulator fields their observation and reward read (``fields``), the
     quantity whose change per step is the velocity rewarded (``position``), and combine them
@@ -30,7 +30,9 @@ class BatchedStep:
     """
 
     fields: tuple[str, ...] = ("qpos", "qvel")
-    positions_left_out = 1  # leading qpos entries (x, and y where it moves in a plane) not observed
+    # leading qpos entries the observation leaves out: x for the bodies that move in the x-z
+    # plane (HalfCheetah, Walker2d), x and y for those free on the floor (Ant, Humanoid)
+    positions_left_out = 1
 
     def __init__(self, env, n_envs: int):
         data = env.data
