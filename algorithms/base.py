@@ -216,7 +216,7 @@ class OnPolicyMARL:
     # The per-algorithm settings that the critic, the networks and this loop read; each
     # algorithm adds those of its actor step.
     reads = frozenset({
-        "critic_lr", "opti_eps", "weight_decay", "use_linear_lr_decay", "gamma", "gae_lambda",
+        "critic_lr", "opti_eps", "weight_decay", "use_linear_lr_decay", "lr_decay_floor", "gamma", "gae_lambda",
         "use_proper_time_limits", "critic_epoch", "critic_num_mini_batch", "value_clip_param", "entropy_coef",
         "value_loss_coef", "max_grad_norm", "use_huber_loss", "huber_delta", "use_clipped_value_loss",
         "use_valuenorm", "use_policy_active_masks", "use_value_active_masks", "fixed_order", "share_param",
@@ -401,10 +401,11 @@ class OnPolicyMARL:
 
     # -- training --------------------------------------------------------------------------
     def set_progress(self, fraction_done: float) -> None:
-        """Linear learning-rate decay, if enabled."""
+        """Linear learning-rate decay, if enabled: from the full rates to ``lr_decay_floor`` of them."""
         if not self.config.use_linear_lr_decay:
             return
-        scale = max(1.0 - fraction_done, 0.0)
+        floor = self.config.lr_decay_floor
+        scale = floor + (1.0 - floor) * max(1.0 - fraction_done, 0.0)
         for opt in self.actor_optims:
             for group in opt.param_groups:
                 group["lr"] = self.config.lr * scale

@@ -354,9 +354,11 @@ def test_wandb_offline_writes_run_directory(tmp_path):
     check_run_files(directory, 100, n_agents=2, algo="ippo")
 
 
-def test_linear_lr_decay_starts_at_the_full_rate(tmp_path, monkeypatch):
+@pytest.mark.parametrize("floor", [None, 0.2])
+def test_linear_lr_decay_starts_at_the_full_rate(tmp_path, monkeypatch, floor):
     """--use_linear_lr_decay: update k of K (0-based) trains at lr (1 - k/K), as in HARL: the
-    first update at the full --lr, none at 0 (4 updates: 1, 3/4, 1/2, 1/4)."""
+    first update at the full --lr, none at 0 (4 updates: 1, 3/4, 1/2, 1/4); with
+    --lr_decay_floor f, at lr (f + (1 - f)(1 - k/K))."""
     from algorithms.base import OnPolicyMARL
 
     used = []
@@ -367,9 +369,11 @@ def test_linear_lr_decay_starts_at_the_full_rate(tmp_path, monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(OnPolicyMARL, "train", recording)
+    extra = [] if floor is None else ["--lr_decay_floor", str(floor)]
     assert train(tmp_path, "--num_env_steps", str(4 * E * T), "--use_linear_lr_decay", "--lr", "0.004",
-                 "--critic_lr", "0.002", "--no-use_eval") == 0
-    assert used == pytest.approx([lr * f for f in (1, 0.75, 0.5, 0.25) for lr in (0.004, 0.002)])
+                 "--critic_lr", "0.002", "--no-use_eval", *extra) == 0
+    f = floor or 0.0
+    assert used == pytest.approx([lr * (f + (1 - f) * d) for d in (1, 0.75, 0.5, 0.25) for lr in (0.004, 0.002)])
 
 
 def test_resume_below_the_steps_done_evaluates_the_final_policy(tmp_path, capsys):

@@ -167,6 +167,10 @@ class Config:
     use_linear_lr_decay: bool = _optimisation(
         False, "decay both learning rates linearly over --num_env_steps: update k of K (from 0) uses "
                "lr (1 - k/K), as in HARL")
+    lr_decay_floor: float = _optimisation(
+        0.0, "with --use_linear_lr_decay, the fraction of both learning rates the decay ends at: update k "
+             "of K uses lr (f + (1 - f)(1 - k/K)); 0 = HARL's decay to 0", minimum=0,
+        applies_with=("use_linear_lr_decay", True))
     gamma: float = _optimisation(0.99, "discount factor", positive=True)
     gae_lambda: float = _optimisation(0.95, "GAE lambda")
     use_proper_time_limits: bool = _optimisation(True, "bootstrap truncated episodes from V(final state)")
