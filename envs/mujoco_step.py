@@ -16,9 +16,9 @@ MaMuJoCo curves; ``for_env`` returns ``None`` for any other env, which keeps gym
 """
 from __future__ import annotations
 
-import numpy as np
-
 from typing import Callable
+
+import numpy as np
 
 
 class BatchedStep:

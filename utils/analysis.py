@@ -661,19 +661,21 @@ def plot_curves(curves: list[Curve], metric: str, out: str | Path, title: str,
     fig, axes = plt.subplots(nrows, ncols, figsize=(5.0 * ncols, 3.8 * nrows), squeeze=False,
                              layout="constrained")
     for ax, task in zip(axes.flat, tasks):
-        for c in (c for c in curves if c.task == task):
+        panel = [c for c in curves if c.task == task]
+        for c in panel:
             colour = colours[c.algo]
             label = f"{c.algo} (n={c.n_seeds})"
             marker = "o" if len(c.steps) == 1 else None
             ax.plot(c.steps, c.mean, color=colour, label=label, marker=marker, lw=1.8)
             if c.low is not None:
                 ax.fill_between(c.steps, c.low, c.high, color=colour, alpha=0.2, lw=0)
-        drawn = {c.algo: c for c in curves if c.task == task}
-        right = max(float(c.steps[-1]) for c in drawn.values())
-        for m in (m for m in marks if m.task == task and m.algo in drawn):
+        drawn = {c.algo for c in panel}
+        right = max(float(c.steps[-1]) for c in panel)
+        panel_marks = [m for m in marks if m.task == task and m.algo in drawn]
+        for m in panel_marks:
             ax.plot([right], [m.value], ls="none", marker=shapes[m.source], ms=7, color=colours[m.algo],
                     markeredgecolor="black", markeredgewidth=0.6, clip_on=False, zorder=3)
-        for source in dict.fromkeys(m.source for m in marks if m.task == task and m.algo in drawn):
+        for source in dict.fromkeys(m.source for m in panel_marks):
             ax.plot([], [], ls="none", marker=shapes[source], color="0.6", markeredgecolor="black",
                     markeredgewidth=0.6, label=f"published: {source}")
         ax.set_title(task)
